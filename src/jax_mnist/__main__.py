@@ -1,0 +1,5 @@
+import sys
+
+from jax_mnist.cli import main
+
+sys.exit(main())

@@ -1,0 +1,128 @@
+"""The ``jax-mnist`` command: parses arguments and dispatches to library functions.
+
+Every flag of ``jax-mnist train`` is generated from a field of :class:`jax_mnist.config.Config`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import sys
+from pathlib import Path
+
+from jax_mnist.config import FIELDS, PRESETS, Config, field_type, flag_name, preset_config, resolve_config
+from jax_mnist.errors import UserError
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """Adds one flag per config field. Defaults are suppressed so we know what was given."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for field in dataclasses.fields(Config):
+        meta = field.metadata
+        group = groups.get(meta["group"]) or groups.setdefault(
+            meta["group"], parser.add_argument_group(meta["group"])
+        )
+        kind = field_type(field.name)
+        help_text = f"{meta['help']} (default: {field.default})"
+        kwargs = {"default": argparse.SUPPRESS, "help": help_text, "dest": field.name}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = kind
+            kwargs["metavar"] = (
+                "|".join(meta["choices"]) if meta["choices"] else field.name.split("_")[-1].upper()
+            )
+        group.add_argument(flag_name(field.name), **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jax-mnist", description="Train and use convolutional networks on MNIST with JAX."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser(
+        "train",
+        help="train a model (the seed CNN by default)",
+        description="Train a model. Every flag overrides the preset.",
+    )
+    train.add_argument(
+        "--config", type=Path, metavar="FILE", help="TOML, YAML or JSON file of settings; flags override it"
+    )
+    train.add_argument(
+        "--workdir",
+        type=Path,
+        metavar="DIR",
+        help="run directory for config, metrics and checkpoints; an existing "
+        "one with checkpoints resumes (default: runs/<timestamp>)",
+    )
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="resume from the latest checkpoint in --workdir (an error if none)",
+    )
+    add_config_flags(train)
+
+    sub.add_parser("models", help="list the architectures")
+    sub.add_parser("presets", help="list the presets and what they set")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from jax_mnist.checkpoint import Checkpoints
+    from jax_mnist.train import train_and_evaluate
+
+    flags = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
+    workdir = args.workdir or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    stored = None
+    if args.resume and not args.workdir:
+        raise UserError("--resume: give the run directory to resume with --workdir DIR")
+    if (workdir / "checkpoints").is_dir() and Checkpoints(workdir).steps():
+        stored = Checkpoints(workdir).read_config()
+    config = resolve_config(flags, args.config, stored).validate()
+    train_and_evaluate(config, workdir, resume=args.resume)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from jax_mnist.models import MODELS, count_params, create_model, flops_per_image
+
+    print(f"{'model':<10} {'parameters':>12} {'MFLOP/image':>12}  description")
+    for name, entry in MODELS.items():
+        model = create_model(name)
+        print(
+            f"{name:<10} {count_params(model):>12,} {flops_per_image(model) / 1e6:>12.2f}  "
+            f"{entry.description}"
+        )
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    default = Config()
+    for name, preset in PRESETS.items():
+        config = preset_config(name)
+        changes = {k: v for k, v in config.to_dict().items() if k != "preset" and v != getattr(default, k)}
+        settings = ", ".join(f"{flag_name(k)} {v}" for k, v in changes.items()) or "the defaults"
+        print(f"{name:<6} {preset.__doc__.strip().splitlines()[0]}\n       sets: {settings}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "models": cmd_models, "presets": cmd_presets}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs ``jax-mnist`` with ``argv``; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"jax-mnist: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("jax-mnist: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

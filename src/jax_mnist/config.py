@@ -1,0 +1,331 @@
+"""One typed config for a training run, its presets, and the checks on its values.
+
+Every field becomes a command-line flag (``batch_size`` -> ``--batch-size``) with its help
+text and range taken from the field's metadata, so this file is the single place where a
+hyperparameter is declared. A config is written as JSON into every run directory and
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+import typing
+from pathlib import Path
+from typing import Any
+
+from jax_mnist.errors import ConfigError, UserError
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    group: str = "training",
+    min_exclusive: bool = False,
+) -> Any:
+    """A config field with the metadata the CLI and :meth:`Config.validate` read."""
+    meta = {
+        "help": help,
+        "min": min,
+        "max": max,
+        "choices": choices,
+        "group": group,
+        "min_exclusive": min_exclusive,
+    }
+    return dataclasses.field(default=default, metadata=meta)
+
+
+# Fields that set only how long or how often a run goes; they may change when a run resumes.
+SCHEDULE_ONLY_FIELDS = frozenset(
+    {"epochs", "log_every", "checkpoint_every", "checkpoint_every_steps", "keep", "progress", "tensorboard"}
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """All the settings of a training run. Defaults are the seed's (``--preset seed``)."""
+
+    # -- what to train
+    preset: str = option(
+        "seed", "named preset the other flags start from (see `jax-mnist presets`)", group="what to train"
+    )
+    model: str = option("cnn", "architecture (see `jax-mnist models`)", group="what to train")
+    width: int = option(
+        0,
+        "base width of the model (channels or units); 0 keeps the model's default",
+        min=0,
+        group="what to train",
+    )
+    depth: int = option(
+        0, "depth of the model (blocks or layers); 0 keeps the model's default", min=0, group="what to train"
+    )
+    dropout: float = option(
+        0.5,
+        "dropout rate before the classifier, active only in training",
+        min=0.0,
+        max=0.95,
+        group="what to train",
+    )
+
+    # -- data
+    dataset: str = option("mnist", "dataset to train on (see `jax-mnist datasets`)", group="data")
+    data_dir: str | None = option(
+        None,
+        "folder with the dataset's four IDX files (gzipped or not) to use instead of the bundled copy",
+        group="data",
+    )
+    val_size: int = option(
+        5000,
+        "training examples held out for validation, chosen from --seed; 0 trains on the whole training set",
+        min=0,
+        group="data",
+    )
+    train_size: int = option(
+        0,
+        "train on only the first this many examples left after the "
+        "validation split, for quick experiments; 0 uses them all",
+        min=0,
+        group="data",
+    )
+
+    # -- optimization
+    epochs: int = option(5, "passes over the training data", min=1)
+    batch_size: int = option(128, "examples per training step (global, across all devices)", min=1)
+    lr: float = option(1e-3, "peak learning rate", min=0.0, min_exclusive=True)
+    optimizer: str = option(
+        "adam",
+        "optimizer (sgd uses --momentum and --nesterov)",
+        choices=("adam", "adamw", "sgd", "rmsprop", "lion"),
+    )
+    momentum: float = option(0.9, "momentum of sgd and rmsprop", min=0.0, max=0.999)
+    nesterov: bool = option(False, "Nesterov momentum for sgd")
+    weight_decay: float = option(
+        0.0, "decoupled weight decay (adamw, lion) or L2 added to the gradient (others)", min=0.0
+    )
+    schedule: str = option(
+        "constant",
+        "learning-rate schedule over the whole run",
+        choices=("constant", "cosine", "onecycle", "step"),
+    )
+    warmup_epochs: float = option(0.0, "linear warmup from 0 to --lr, in epochs (constant, cosine)", min=0.0)
+    grad_clip: float = option(0.0, "clip gradients to this global norm; 0 turns clipping off", min=0.0)
+    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy targets", min=0.0, max=0.5)
+    ema_decay: float = option(
+        0.0,
+        "evaluate an exponential moving average of the weights with this decay (e.g. 0.999); 0 turns it off",
+        min=0.0,
+        max=0.99999,
+    )
+    seed: int = option(0, "seed for initialization, validation split, data order and dropout", min=0)
+
+    # -- augmentation, on the device inside the training step
+    aug_shift: float = option(
+        0.0, "random shift of up to this many pixels", min=0.0, max=8.0, group="augmentation"
+    )
+    aug_rotate: float = option(
+        0.0, "random rotation of up to this many degrees", min=0.0, max=45.0, group="augmentation"
+    )
+    aug_scale: float = option(
+        0.0, "random zoom by a factor in [1 - s, 1 + s]", min=0.0, max=0.5, group="augmentation"
+    )
+    aug_elastic: float = option(
+        0.0, "strength (pixels) of elastic distortion; 0 turns it off", min=0.0, max=8.0, group="augmentation"
+    )
+
+    # -- running
+    devices: int = option(0, "devices to train on, data parallel; 0 uses all", min=0, group="devices")
+    dtype: str = option(
+        "float32",
+        "compute dtype; bfloat16 keeps float32 master weights",
+        choices=("float32", "bfloat16"),
+        group="devices",
+    )
+    steps_per_call: int = option(
+        1,
+        "training steps unrolled into one device call; more steps cost compile time and may run faster",
+        min=1,
+        max=1000,
+        group="devices",
+    )
+    log_every: int = option(100, "print the training loss every this many steps", min=1, group="output")
+    checkpoint_every: int = option(1, "save a checkpoint every this many epochs", min=1, group="output")
+    checkpoint_every_steps: int = option(
+        0, "also save every this many steps; 0 saves only at epoch ends", min=0, group="output"
+    )
+    keep: int = option(
+        3, "latest checkpoints to keep (the best one is kept separately)", min=1, group="output"
+    )
+    eval_batch_size: int = option(
+        1000, "examples per evaluation batch (memory, not results)", min=1, group="output"
+    )
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> Config:
+        """Builds a config from ``values`` on top of the preset they name (or the seed's)."""
+        values = normalize_keys(values, source=source)
+        base = preset_config(values.get("preset", "seed"))
+        return base.replace(**values)
+
+    def validate(self) -> Config:
+        """Checks every value; raises :class:`ConfigError` naming the flag. Returns self."""
+        from jax_mnist.data.datasets import DATASETS
+        from jax_mnist.models import MODELS
+
+        for f in dataclasses.fields(self):
+            value, meta, flag = getattr(self, f.name), f.metadata, flag_name(f.name)
+            if value is None:
+                continue
+            low = meta["min"]
+            if low is not None and (value < low or (meta["min_exclusive"] and value == low)):
+                bound = f"greater than {low}" if meta["min_exclusive"] else f"at least {low}"
+                raise ConfigError(flag, f"must be {bound}, got {value}")
+            if meta["max"] is not None and value > meta["max"]:
+                raise ConfigError(flag, f"must be at most {meta['max']}, got {value}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(flag, f"must be a finite number, got {value}")
+            if meta["choices"] is not None and value not in meta["choices"]:
+                raise ConfigError(flag, f"must be one of {', '.join(meta['choices'])}; got {value!r}")
+        if self.preset not in PRESETS:
+            raise ConfigError("--preset", f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
+        if self.model not in MODELS:
+            raise ConfigError("--model", f"unknown model {self.model!r}; choose from {', '.join(MODELS)}")
+        if self.dataset not in DATASETS:
+            raise ConfigError(
+                "--dataset", f"unknown dataset {self.dataset!r}; choose from {', '.join(DATASETS)}"
+            )
+        return self
+
+    def check_against_data(self, num_train_examples: int) -> None:
+        """Checks the values that depend on the size of the training set."""
+        if self.val_size >= num_train_examples:
+            raise ConfigError(
+                "--val-size",
+                f"must be smaller than the training set ({num_train_examples} examples), got {self.val_size}",
+            )
+        available = num_train_examples - self.val_size
+        if self.train_size > available:
+            raise ConfigError(
+                "--train-size",
+                f"must be at most the {available} training examples "
+                f"left after the validation split, got {self.train_size}",
+            )
+        if self.batch_size > (self.train_size or available):
+            raise ConfigError(
+                "--batch-size",
+                f"must be at most the number of training examples "
+                f"({self.train_size or available}), "
+                f"got {self.batch_size}",
+            )
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+FIELD_TYPES = typing.get_type_hints(Config)
+
+
+def field_type(name: str) -> type:
+    """The scalar type of field ``name`` (``str | None`` -> ``str``)."""
+    hint = FIELD_TYPES[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def normalize_keys(values: dict[str, Any], *, source: str) -> dict[str, Any]:
+    """Maps ``batch-size`` style keys to field names and checks value types.
+
+    Unknown keys and values of the wrong type are rejected with a line naming them.
+    """
+    out = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in FIELDS:
+            raise UserError(f"{source}: unknown setting {key!r}; see `jax-mnist train --help`")
+        kind = field_type(name)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if value is not None and (type(value) is not kind):
+            raise UserError(f"{source}: {key} must be of type {kind.__name__}, got {value!r}")
+        out[name] = value
+    return out
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Reads a TOML or YAML config file into a dict of settings (not yet merged)."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read config file ({e.strerror})") from None
+    try:
+        if path.suffix == ".toml":
+            values = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        elif path.suffix == ".json":
+            values = json.loads(text)
+        else:
+            raise UserError(f"{path}: config files must end in .toml, .yaml, .yml or .json")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, ValueError) as e:
+        raise UserError(f"{path}: not a valid config file: {e}".splitlines()[0]) from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: a config file must hold a table of settings")
+    return normalize_keys(values, source=str(path))
+
+
+def resolve_config(
+    flags: dict[str, Any], config_file: Path | None = None, stored: Config | None = None
+) -> Config:
+    """The config of a run from what the user gave.
+
+    Args:
+      flags: settings given on the command line (only those given).
+      config_file: a TOML/YAML/JSON file of settings; flags override it.
+      stored: the config of the run being resumed, if any. Without a ``preset`` among the
+        given settings, the run continues from the stored config with the given changes.
+
+    Returns:
+      The config, not yet validated.
+    """
+    values = load_config_file(config_file) if config_file is not None else {}
+    values.update(normalize_keys(flags, source="command line"))
+    if stored is not None and "preset" not in values:
+        return stored.replace(**values)
+    return Config.from_dict(values)
+
+
+# -- presets: functions returning a full config; flags given after --preset override them.
+
+
+def seed() -> Config:
+    """The seed script's pipeline: the 2-conv CNN, Adam 1e-3, batch 128, 5 epochs."""
+    return Config()
+
+
+PRESETS = {"seed": seed}
+
+
+def preset_config(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError("--preset", f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return PRESETS[name]().replace(preset=name)

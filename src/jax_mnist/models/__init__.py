@@ -1,0 +1,66 @@
+"""Models by name. Every model has the same constructor signature and call signature.
+
+Constructor: ``Model(*, num_classes, dropout, width, depth, dtype, rngs)``; ``width`` and
+``depth`` of 0 mean the model's own default. Call: ``model(x, train=..., dropout_key=...)``
+maps images ``[B, 28, 28, 1]`` to logits ``[B, num_classes]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jax_mnist.models.cnn import CNN
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+    constructor: Callable[..., nnx.Module]
+    description: str
+
+
+MODELS: dict[str, ModelEntry] = {
+    "cnn": ModelEntry(CNN, "the seed's CNN: 2 conv (32, 64) + avg-pool, dense 256, dropout"),
+}
+
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int = 10,
+    dropout: float = 0.0,
+    width: int = 0,
+    depth: int = 0,
+    dtype: jnp.dtype = jnp.float32,
+    seed: int = 0,
+) -> nnx.Module:
+    """Builds model ``name`` with parameters initialized from ``seed``."""
+    return MODELS[name].constructor(
+        num_classes=num_classes,
+        dropout=dropout,
+        width=width,
+        depth=depth,
+        dtype=dtype,
+        rngs=nnx.Rngs(params=seed),
+    )
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of trainable parameters of ``model``."""
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def flops_per_image(model: nnx.Module) -> float:
+    """Forward-pass FLOPs for one 28x28 image, as XLA counts them (multiply-add = 2)."""
+    graphdef, state = nnx.split(model)
+
+    def forward(state, x):
+        return nnx.merge(graphdef, state)(x, train=False)
+
+    x = jax.ShapeDtypeStruct((1, 28, 28, 1), jnp.float32)
+    cost = jax.jit(forward).lower(state, x).cost_analysis()
+    return float(cost["flops"])

@@ -1,0 +1,211 @@
+"""Pure functions that run on the device: the loss, one training step, a chunk of steps,
+and evaluation. State goes in and comes out; nothing here touches the host.
+
+Shapes: images are uint8 ``[N, 28, 28]`` as stored on the device; the model sees float
+``[B, 28, 28, 1]``; labels are int ``[B]``; logits float32 ``[B, C]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax import lax
+
+from jax_mnist.augment import AugmentSettings, augment
+
+PyTree = Any
+
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes during training; a pytree, saved whole in checkpoints.
+
+    Attributes:
+      step: int32 scalar, training steps done so far (global, across epochs).
+      params: trainable parameters, a nested dict of arrays.
+      model_state: non-trainable model variables (batch-norm statistics), a nested dict.
+      opt_state: the optimizer's state.
+      ema_params: moving average of ``params`` used for evaluation, or ``{}`` when off.
+      key: uint32 ``[2]`` raw PRNG key; step ``s`` uses ``fold_in(key, s)`` for dropout and
+        augmentation, so any step's randomness is known without replaying earlier ones.
+      data_key: uint32 ``[2]`` raw PRNG key; epoch ``e`` shuffles with ``fold_in(data_key, e)``.
+      epoch_sums: running sums over the current epoch (``loss`` f32, ``correct`` and
+        ``count`` int32), kept here so a resumed epoch reports the same metrics.
+    """
+
+    step: jax.Array
+    params: PyTree
+    model_state: PyTree
+    opt_state: PyTree
+    ema_params: PyTree
+    key: jax.Array
+    data_key: jax.Array
+    epoch_sums: dict[str, jax.Array]
+
+
+def zero_sums() -> dict[str, jax.Array]:
+    return {
+        "loss": jnp.zeros((), jnp.float32),
+        "correct": jnp.zeros((), jnp.int32),
+        "count": jnp.zeros((), jnp.int32),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """The static (hashable) settings the jitted functions are specialized on."""
+
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    num_classes: int
+    mean: float
+    std: float
+    compute_dtype: Any = jnp.float32
+    label_smoothing: float = 0.0
+    ema_decay: float = 0.0
+    augment: AugmentSettings = dataclasses.field(default_factory=AugmentSettings)
+    # Sharding of a batch across the data-parallel mesh; None on a single device.
+    batch_sharding: jax.sharding.NamedSharding | None = None
+
+
+def to_model_input(images: jax.Array, mean: float, std: float, dtype=jnp.float32) -> jax.Array:
+    """uint8 or [0, 1] float ``[B, H, W]`` -> normalized ``[B, H, W, 1]`` in ``dtype``."""
+    if images.dtype == jnp.uint8:
+        images = images.astype(jnp.float32) / 255.0
+    return ((images - mean) / std)[..., None].astype(dtype)
+
+
+def cross_entropy(
+    logits: jax.Array, labels: jax.Array, num_classes: int, label_smoothing: float = 0.0
+) -> jax.Array:
+    """Per-example softmax cross-entropy ``[B]`` with optional label smoothing."""
+    logits = logits.astype(jnp.float32)
+    if label_smoothing == 0.0:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def loss_fn(
+    params: PyTree,
+    model_state: PyTree,
+    images: jax.Array,
+    labels: jax.Array,
+    settings: StepSettings,
+    *,
+    train: bool,
+    dropout_key: jax.Array | None = None,
+):
+    """Mean loss over the batch, with the logits and the updated model state.
+
+    Args:
+      params, model_state: the model's variables.
+      images: normalized float ``[B, 28, 28, 1]``.
+      labels: int ``[B]``.
+
+    Returns:
+      ``(loss, (logits [B, C], new_model_state))``.
+    """
+    model = nnx.merge(settings.graphdef, params, model_state)
+    logits = model(images, train=train, dropout_key=dropout_key).astype(jnp.float32)
+    loss = cross_entropy(logits, labels, settings.num_classes, settings.label_smoothing).mean()
+    new_model_state = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
+    return loss, (logits, new_model_state)
+
+
+def train_step(
+    state: TrainState, images: jax.Array, labels: jax.Array, settings: StepSettings
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on a batch of uint8 images ``[B, 28, 28]`` and labels ``[B]``.
+
+    Returns the new state and the batch's summed loss, correct count and size.
+    """
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+    aug_key, dropout_key = jax.random.split(step_key)
+    x = images.astype(jnp.float32) / 255.0
+    x = augment(aug_key, x, settings.augment)
+    x = to_model_input(x, settings.mean, settings.std, settings.compute_dtype)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (logits, model_state)), grads = grad_fn(
+        state.params, state.model_state, x, labels, settings, train=True, dropout_key=dropout_key
+    )
+    updates, opt_state = settings.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema_params = state.ema_params
+    if settings.ema_decay:
+        ema_params = optax.incremental_update(params, ema_params, 1.0 - settings.ema_decay)
+
+    batch = labels.shape[0]
+    sums = {
+        "loss": loss * batch,
+        "correct": jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.int32),
+        "count": jnp.asarray(batch, jnp.int32),
+    }
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        model_state=model_state,
+        opt_state=opt_state,
+        ema_params=ema_params,
+        epoch_sums=jax.tree.map(jnp.add, state.epoch_sums, sums),
+    )
+    return new_state, sums
+
+
+def train_chunk(
+    state: TrainState,
+    order: jax.Array,
+    images: jax.Array,
+    labels: jax.Array,
+    settings: StepSettings,
+    num_steps: int,
+    batch_size: int,
+    steps_per_epoch: int,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """Runs ``num_steps`` training steps in one device call, batches sliced on the device.
+
+    The steps are unrolled rather than looped: XLA:CPU runs convolutions inside a while loop
+    about ten times slower than the same convolutions at the top level (see the README's
+    performance section), so a chunk is a straight line of steps.
+
+    Args:
+      state: the training state; ``state.step % steps_per_epoch`` is the position in the epoch.
+      order: int32 ``[N]``, this epoch's permutation of the training examples.
+      images: uint8 ``[N, 28, 28]``, the whole training set on the device.
+      labels: int32 ``[N]``.
+      num_steps: static; the chunk must not cross the end of the epoch.
+
+    Returns:
+      The new state and the chunk's summed loss, correct count and example count.
+    """
+    sums = zero_sums()
+    for _ in range(num_steps):
+        start = (state.step % steps_per_epoch) * batch_size
+        index = lax.dynamic_slice_in_dim(order, start, batch_size)
+        if settings.batch_sharding is not None:
+            # Each device gathers only its shard of the batch from its copy of the data.
+            index = lax.with_sharding_constraint(index, settings.batch_sharding)
+        state, step_sums = train_step(state, images[index], labels[index], settings)
+        sums = jax.tree.map(jnp.add, sums, step_sums)
+    return state, sums
+
+
+def epoch_order(key: jax.Array, epoch: jax.Array, num_examples: int) -> jax.Array:
+    """The permutation of the training set for ``epoch``: int32 ``[num_examples]``."""
+    epoch_key = jax.random.fold_in(jax.random.wrap_key_data(key), epoch)
+    return jax.random.permutation(epoch_key, num_examples).astype(jnp.int32)
+
+
+def predict_batch(
+    params: PyTree, model_state: PyTree, images: jax.Array, settings: StepSettings
+) -> jax.Array:
+    """Logits float32 ``[B, C]`` for uint8 or [0, 1] float images ``[B, 28, 28]``."""
+    x = to_model_input(images, settings.mean, settings.std, settings.compute_dtype)
+    model = nnx.merge(settings.graphdef, params, model_state)
+    return model(x, train=False).astype(jnp.float32)

@@ -1,0 +1,390 @@
+"""``train_and_evaluate(config, workdir)``: the training loop, from data to test accuracy.
+
+The loop runs on the device in chunks: one jitted call runs up to ``log_every`` steps with
+``lax.fori_loop`` over batches sliced from the dataset already on the device. Between chunks
+the host logs, evaluates at epoch ends, saves checkpoints and notices Ctrl-C; inside a chunk
+nothing waits on Python.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jax_mnist import steps
+from jax_mnist.augment import AugmentSettings
+from jax_mnist.checkpoint import Checkpoints
+from jax_mnist.config import SCHEDULE_ONLY_FIELDS, Config
+from jax_mnist.data import load_dataset
+from jax_mnist.data.datasets import DATASETS, DatasetInfo, split_validation
+from jax_mnist.errors import UserError
+from jax_mnist.evaluate import classification_metrics
+from jax_mnist.logs import RunLogger
+from jax_mnist.models import create_model
+from jax_mnist.optim import create_optimizer
+from jax_mnist.parallel import create_mesh, is_main_process, replicate, to_host
+
+
+class TrainingInterrupted(UserError):
+    """Training stopped by SIGINT or SIGTERM after saving a checkpoint."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What a config turns into before training: model definition, optimizer, step settings."""
+
+    config: Config
+    info: DatasetInfo
+    settings: steps.StepSettings
+    mesh: jax.sharding.Mesh
+    initial_state: Any  # a function () -> TrainState
+
+
+def create_setup(config: Config, steps_per_epoch: int, mesh: jax.sharding.Mesh | None = None) -> Setup:
+    """Builds the model, optimizer and step settings that ``config`` describes."""
+    info = DATASETS[config.dataset]
+    mesh = mesh or create_mesh(config.devices, config.batch_size)
+    dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+    tx = create_optimizer(config, steps_per_epoch)
+
+    def make_model():
+        return create_model(
+            config.model,
+            num_classes=info.num_classes,
+            dropout=config.dropout,
+            width=config.width,
+            depth=config.depth,
+            dtype=dtype,
+            seed=config.seed,
+        )
+
+    graphdef, _, _ = nnx.split(nnx.eval_shape(make_model), nnx.Param, ...)
+    settings = steps.StepSettings(
+        graphdef=graphdef,
+        tx=tx,
+        num_classes=info.num_classes,
+        mean=info.mean,
+        std=info.std,
+        compute_dtype=dtype,
+        label_smoothing=config.label_smoothing,
+        ema_decay=config.ema_decay,
+        augment=AugmentSettings(config.aug_shift, config.aug_rotate, config.aug_scale, config.aug_elastic),
+        batch_sharding=NamedSharding(mesh, P("data")),
+    )
+
+    def initial_state() -> steps.TrainState:
+        _, params, model_state = nnx.split(make_model(), nnx.Param, ...)
+        params, model_state = nnx.to_pure_dict(params), nnx.to_pure_dict(model_state)
+        root = jax.random.key(config.seed)
+        return steps.TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            model_state=model_state,
+            opt_state=tx.init(params),
+            ema_params=jax.tree.map(jnp.copy, params) if config.ema_decay else {},
+            key=jax.random.key_data(jax.random.fold_in(root, 1)),
+            data_key=jax.random.key_data(jax.random.fold_in(root, 2)),
+            epoch_sums=steps.zero_sums(),
+        )
+
+    return Setup(config, info, settings, mesh, initial_state)
+
+
+def create_train_state(setup: Setup) -> steps.TrainState:
+    """The initial training state, replicated over the mesh."""
+    return jax.jit(setup.initial_state, out_shardings=replicate(setup.mesh))()
+
+
+def abstract_train_state(setup: Setup) -> Any:
+    """Shapes, dtypes and shardings of the training state, to restore a checkpoint into."""
+    sharding = replicate(setup.mesh)
+    shapes = jax.eval_shape(setup.initial_state)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+
+def eval_params(state: steps.TrainState) -> Any:
+    """The weights to evaluate: the moving average when there is one."""
+    return state.ema_params if state.ema_params else state.params
+
+
+def make_predict_fn(setup: Setup):
+    """A function ``(params, model_state, images [N, 28, 28]) -> logits [N, C]`` on the device.
+
+    Batches of ``eval_batch_size`` go through one jitted forward pass each (the last one
+    padded, so there is a single compilation); a Python loop rather than ``lax.map`` for the
+    same reason as in ``steps.train_chunk``.
+    """
+    batch_size = setup.config.eval_batch_size
+    forward = jax.jit(
+        functools.partial(steps.predict_batch, settings=setup.settings), out_shardings=replicate(setup.mesh)
+    )
+
+    def predict(params, model_state, images):
+        n = images.shape[0]
+        padded = jnp.pad(images, [(0, -n % batch_size)] + [(0, 0)] * (images.ndim - 1))
+        logits = [
+            forward(params, model_state, padded[i : i + batch_size])
+            for i in range(0, padded.shape[0], batch_size)
+        ]
+        return jnp.concatenate(logits)[:n]
+
+    return predict
+
+
+def evaluate_arrays(
+    predict_fn, state: steps.TrainState, images: jax.Array, labels: np.ndarray, num_classes: int
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Metrics and logits ``[N, C]`` of ``state``'s evaluation weights on a dataset split."""
+    logits = to_host(predict_fn(eval_params(state), state.model_state, images))
+    return classification_metrics(logits, labels, num_classes), logits
+
+
+def check_resume_config(stored: Config, config: Config, workdir: Path) -> None:
+    """Refuses to resume a run with settings that would change what it computes."""
+    differ = [
+        f"{name} (stored {getattr(stored, name)!r}, given {getattr(config, name)!r})"
+        for name in stored.to_dict()
+        if name not in SCHEDULE_ONLY_FIELDS and getattr(stored, name) != getattr(config, name)
+    ]
+    if differ:
+        raise UserError(
+            f"{workdir} holds a run with other settings: {'; '.join(differ)}. "
+            "Use another --workdir, or resume with the stored settings"
+        )
+
+
+class _StopSignals:
+    """Turns the first SIGINT/SIGTERM into a request to stop at the next chunk boundary."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        with contextlib.suppress(ValueError):  # not in the main thread: leave signals alone
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = False) -> dict[str, Any]:
+    """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint if there is one).
+
+    Args:
+      config: the run's settings; validated here.
+      workdir: the run directory; created if needed.
+      resume: require a checkpoint to resume from (an error if there is none).
+
+    Returns:
+      The final record: test loss and accuracy, best validation accuracy, wall time.
+    """
+    t_start = time.perf_counter()
+    config.validate()
+    workdir = Path(workdir)
+    main = is_main_process()
+    logger = RunLogger(workdir, enabled=main)
+
+    # -- data: host arrays, then the training and validation split
+    info = DATASETS[config.dataset]
+    arrays = load_dataset(config)
+    config.check_against_data(len(arrays.train_images))
+    train_x, train_y, val_x, val_y = split_validation(
+        arrays.train_images, arrays.train_labels, config.val_size, config.seed
+    )
+    if config.train_size:
+        train_x, train_y = train_x[: config.train_size], train_y[: config.train_size]
+    steps_per_epoch = len(train_x) // config.batch_size
+    total_steps = config.epochs * steps_per_epoch
+
+    # -- model, optimizer, state; resume from the latest checkpoint when there is one
+    setup = create_setup(config, steps_per_epoch)
+    checkpoints = Checkpoints(workdir, config.keep)
+    if checkpoints.steps():
+        check_resume_config(checkpoints.read_config(), config, workdir)
+    elif resume:
+        raise UserError(f"{workdir}: no checkpoint to resume from; drop --resume to start a new run")
+    restored = checkpoints.restore(abstract_train_state(setup), warn=logger.print)
+    if restored is None:
+        state = create_train_state(setup)
+    else:
+        state, meta = restored
+        logger.print(f"Resuming from step {meta['step']} (epoch {meta['epoch']}) in {workdir}")
+    start_step = int(to_host(state.step))
+    logger.truncate_after(start_step)
+    if main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json() + "\n")
+
+    # -- the dataset goes to the device once, replicated; each device slices its own batches
+    on_device = functools.partial(jax.device_put, device=replicate(setup.mesh))
+    train_images, train_labels = on_device(train_x), on_device(train_y.astype(np.int32))
+    val_images, test_images = on_device(val_x), on_device(arrays.test_images)
+
+    train_chunk = jax.jit(
+        functools.partial(
+            steps.train_chunk,
+            settings=setup.settings,
+            batch_size=config.batch_size,
+            steps_per_epoch=steps_per_epoch,
+        ),
+        static_argnames="num_steps",
+        donate_argnums=0,
+    )
+    order_fn = jax.jit(
+        functools.partial(steps.epoch_order, num_examples=len(train_x)), out_shardings=replicate(setup.mesh)
+    )
+    predict_fn = make_predict_fn(setup)
+
+    best_val_accuracy = _best_val_accuracy(workdir) if restored else None
+    step, epoch_order, epoch_t0, epoch_train_time = start_step, None, None, 0.0
+    with _StopSignals() as stop:
+        while step < total_steps:
+            epoch, position = divmod(step, steps_per_epoch)
+            if epoch_order is None or position == 0:
+                epoch_order = order_fn(state.data_key, epoch)
+            if position == 0:
+                state = state.replace(epoch_sums=jax.device_put(steps.zero_sums(), replicate(setup.mesh)))
+            if epoch_t0 is None or position == 0:
+                epoch_t0, epoch_train_time, epoch_start_position = time.perf_counter(), 0.0, position
+
+            chunk_end = min(steps_per_epoch, (position // config.log_every + 1) * config.log_every)
+            if config.checkpoint_every_steps:
+                every = config.checkpoint_every_steps
+                chunk_end = min(chunk_end, (step // every + 1) * every - epoch * steps_per_epoch)
+            num_steps = chunk_end - position
+            t0 = time.perf_counter()
+            state, sums = _run_steps(
+                train_chunk, state, num_steps, config.steps_per_call, epoch_order, train_images, train_labels
+            )
+            sums = to_host(sums)  # waits for the chunk: the only sync inside an epoch
+            epoch_train_time += time.perf_counter() - t0
+            step += num_steps
+            if chunk_end % config.log_every == 0 or chunk_end == steps_per_epoch:
+                logger.log_step(
+                    epoch=epoch + 1,
+                    step=step,
+                    loss=float(sums["loss"] / sums["count"]),
+                    accuracy=float(sums["correct"] / sums["count"]),
+                )
+
+            epoch_done = chunk_end == steps_per_epoch
+            record = None
+            if epoch_done:
+                record = _end_of_epoch(
+                    state,
+                    epoch + 1,
+                    step,
+                    setup,
+                    predict_fn,
+                    val_images,
+                    val_y,
+                    epoch_train_time,
+                    (steps_per_epoch - epoch_start_position) * config.batch_size,
+                )
+                if record.get("val_accuracy") is not None:
+                    best_val_accuracy = max(best_val_accuracy or 0.0, record["val_accuracy"])
+                    record["best_val_accuracy"] = best_val_accuracy
+                logger.log_epoch(record)
+
+            save_now = (
+                stop.signum is not None
+                or step == total_steps
+                or (epoch_done and (epoch + 1) % config.checkpoint_every == 0)
+                or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
+            )
+            if save_now:
+                meta = {"step": step, "epoch": step / steps_per_epoch, "steps_per_epoch": steps_per_epoch}
+                if record:
+                    meta.update({k: v for k, v in record.items() if k.startswith(("val_", "train_"))})
+                checkpoints.save(
+                    state, meta, config, val_accuracy=record.get("val_accuracy") if record else None
+                )
+            if stop.signum is not None:
+                name = signal.Signals(stop.signum).name
+                raise TrainingInterrupted(
+                    f"{name} at step {step} (epoch {step / steps_per_epoch:.2f}); saved a checkpoint "
+                    f"in {checkpoints.root}. Resume with: jax-mnist train --workdir {workdir} --resume",
+                    stop.signum,
+                )
+
+    # -- the test set, once, at the end
+    test_metrics, _ = evaluate_arrays(predict_fn, state, test_images, arrays.test_labels, info.num_classes)
+    final = {
+        "step": step,
+        "test_loss": test_metrics["loss"],
+        "test_accuracy": test_metrics["accuracy"],
+        "best_val_accuracy": best_val_accuracy,
+        "wall_time_s": time.perf_counter() - t_start,
+    }
+    logger.log_test(final)
+    checkpoints.close()
+    logger.close()
+    return final
+
+
+def _run_steps(train_chunk, state, num_steps: int, steps_per_call: int, *data):
+    """Dispatches ``num_steps`` steps as calls of ``steps_per_call`` steps (and single steps
+    for the rest). Nothing waits here: JAX queues the calls and the host returns at once."""
+    total = None
+    while num_steps > 0:
+        n = steps_per_call if num_steps >= steps_per_call else 1
+        state, sums = train_chunk(state, *data, num_steps=n)
+        total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+        num_steps -= n
+    return state, total
+
+
+def _end_of_epoch(
+    state, epoch, step, setup, predict_fn, val_images, val_labels, train_time, images_trained
+) -> dict[str, Any]:
+    sums = to_host(state.epoch_sums)
+    record = {
+        "epoch": epoch,
+        "step": step,
+        "train_loss": float(sums["loss"] / sums["count"]),
+        "train_accuracy": float(sums["correct"] / sums["count"]),
+        "epoch_time_s": train_time,
+        "images_per_s": images_trained / max(train_time, 1e-9),
+    }
+    if len(val_labels):
+        metrics, _ = evaluate_arrays(predict_fn, state, val_images, val_labels, setup.info.num_classes)
+        record.update(val_loss=metrics["loss"], val_accuracy=metrics["accuracy"])
+    return record
+
+
+def _best_val_accuracy(workdir: Path) -> float | None:
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return None
+    values = [
+        r["val_accuracy"]
+        for r in map(json.loads, path.read_text().splitlines())
+        if r.get("kind") == "epoch" and r.get("val_accuracy") is not None
+    ]
+    return max(values, default=None)

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny configs that train in seconds on the real bundled MNIST."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jax_mnist.config import Config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**changes) -> Config:
+    """A config that trains 2 short epochs on 1,024 examples (16 steps of 64 each)."""
+    base = Config(train_size=1024, val_size=512, batch_size=64, epochs=2, log_every=8, eval_batch_size=512)
+    return base.replace(**changes)
+
+
+@pytest.fixture
+def tiny():
+    return tiny_config
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: float = 600, **kwargs
+) -> subprocess.CompletedProcess:
+    """Runs ``python -m jax_mnist ARGS`` in a subprocess, capturing its output as text."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "jax_mnist", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )

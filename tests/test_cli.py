@@ -1,0 +1,92 @@
+import gzip
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, run_cli
+
+
+@pytest.mark.parametrize(
+    "flags, names",
+    [
+        (["--epochs", "-1"], "--epochs"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--val-size", "70000"], "--val-size"),
+        (["--model", "resnet9000"], "--model"),
+        (["--lr", "0"], "--lr"),
+        (["--dropout", "1.5"], "--dropout"),
+        (["--optimizer", "adagrad"], "--optimizer"),
+        (["--epochs", "two"], "--epochs"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line_naming_the_flag(tmp_path, flags, names):
+    result = run_cli("train", "--workdir", str(tmp_path / "run"), *flags)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert names in last and "error" in last
+
+
+def test_damaged_data_file_is_one_line_not_a_traceback(tmp_path):
+    from jax_mnist.data.datasets import SPLIT_FILES, bundled_dir
+
+    for stem in SPLIT_FILES.values():
+        (tmp_path / f"{stem}.gz").write_bytes((bundled_dir() / f"{stem}.gz").read_bytes())
+    labels = gzip.decompress((tmp_path / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels[:-10]))
+    result = run_cli("train", "--data-dir", str(tmp_path), "--workdir", str(tmp_path / "run"))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"jax-mnist: error: {tmp_path}/t10k-labels-idx1-ubyte.gz: truncated: header declares shape "
+        "(10000,) (10008 bytes), file has 9998 bytes"
+    ]
+
+
+def test_config_file_and_flags(tmp_path):
+    from jax_mnist.config import resolve_config
+
+    path = tmp_path / "c.toml"
+    path.write_text("epochs = 3\nbatch-size = 64\nlr = 1\n")
+    config = resolve_config({"epochs": 7}, path).validate()
+    assert (config.epochs, config.batch_size, config.lr) == (7, 64, 1.0)
+    yaml_path = tmp_path / "c.yaml"
+    yaml_path.write_text("dropout: 0.25\nmodel: cnn\n")
+    assert resolve_config({}, yaml_path).dropout == 0.25
+    bad = tmp_path / "bad.toml"
+    bad.write_text("epoch = 3\n")
+    result = run_cli("train", "--config", str(bad))
+    assert result.returncode == 1 and "unknown setting 'epoch'" in result.stderr
+
+
+def test_help_explains_each_flag_and_default():
+    result = run_cli("train", "--help")
+    assert result.returncode == 0
+    assert "--batch-size" in result.stdout and "(default: 128)" in result.stdout
+
+
+def test_mnist_jax_script_runs_the_seed_pipeline(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "mnist_jax.py"),
+            "--train-size",
+            "512",
+            "--val-size",
+            "256",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--log-every",
+            "4",
+            "--workdir",
+            str(tmp_path / "r"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Epoch 1, Loss: " in result.stdout
+    assert "Test accuracy: " in result.stdout

@@ -1,0 +1,54 @@
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_mnist import steps, train
+from jax_mnist.config import Config
+from jax_mnist.data import load_dataset
+
+
+def test_train_steps_lower_the_loss_on_a_fixed_batch():
+    setup = train.create_setup(Config(), steps_per_epoch=10)
+    state = train.create_train_state(setup)
+    arrays = load_dataset(Config())
+    images, labels = jnp.asarray(arrays.train_images[:128]), jnp.asarray(arrays.train_labels[:128], jnp.int32)
+    step = jax.jit(functools.partial(steps.train_step, settings=setup.settings))
+    losses = []
+    for _ in range(5):
+        state, sums = step(state, images, labels)
+        losses.append(float(sums["loss"] / sums["count"]))
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert int(state.step) == 5
+
+
+def test_chunk_of_steps_equals_single_steps():
+    # The unrolled chunk and five separate calls run the same steps in the same order.
+    setup = train.create_setup(Config(), steps_per_epoch=8)
+    arrays = load_dataset(Config())
+    images = jnp.asarray(arrays.train_images[:1024])
+    labels = jnp.asarray(arrays.train_labels[:1024], jnp.int32)
+    order = steps.epoch_order(jax.random.key_data(jax.random.key(3)), 0, 1024)
+    chunk = jax.jit(
+        functools.partial(steps.train_chunk, settings=setup.settings, batch_size=128, steps_per_epoch=8),
+        static_argnames="num_steps",
+    )
+    a, sums_a = chunk(train.create_train_state(setup), order, images, labels, num_steps=5)
+    b = train.create_train_state(setup)
+    total = 0.0
+    for _ in range(5):
+        b, s = chunk(b, order, images, labels, num_steps=1)
+        total += float(s["loss"])
+    assert int(a.step) == int(b.step) == 5
+    np.testing.assert_allclose(float(sums_a["loss"]), total, rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_epoch_order_is_a_permutation_that_changes_with_the_epoch():
+    key = jax.random.key_data(jax.random.key(0))
+    a, b = np.asarray(steps.epoch_order(key, 0, 100)), np.asarray(steps.epoch_order(key, 1, 100))
+    assert sorted(a.tolist()) == list(range(100))
+    assert not np.array_equal(a, b)
+    np.testing.assert_array_equal(a, steps.epoch_order(key, 0, 100))
