@@ -334,7 +334,12 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
                 )
 
     # -- the test set, once, at the end
-    test_metrics, _ = evaluate_arrays(predict_fn, state, test_images, arrays.test_labels, info.num_classes)
+    test_metrics, test_logits = evaluate_arrays(
+        predict_fn, state, test_images, arrays.test_labels, info.num_classes
+    )
+    if main:
+        # For reports: the test predictions, as plain arrays (np.load reads them without pickle).
+        np.savez(workdir / "test_predictions.npz", logits=test_logits, labels=arrays.test_labels)
     final = {
         "step": step,
         "test_loss": test_metrics["loss"],
