@@ -164,6 +164,13 @@ class Config:
     eval_batch_size: int = option(
         1000, "examples per evaluation batch (memory, not results)", min=1, group="output"
     )
+    progress: str = option(
+        "auto",
+        "console output: a live bar per epoch (bar), plain lines (plain), or a bar on a terminal only (auto)",
+        choices=("auto", "bar", "plain"),
+        group="output",
+    )
+    tensorboard: bool = option(True, "write TensorBoard event files into the run directory", group="output")
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)

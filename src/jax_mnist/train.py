@@ -208,7 +208,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     config.validate()
     workdir = Path(workdir)
     main = is_main_process()
-    logger = RunLogger(workdir, enabled=main)
+    logger = RunLogger(workdir, enabled=main, progress=config.progress, tensorboard=config.tensorboard)
 
     # -- data: host arrays, then the training and validation split
     info = DATASETS[config.dataset]
@@ -272,6 +272,13 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
                 state = state.replace(epoch_sums=jax.device_put(steps.zero_sums(), replicate(setup.mesh)))
             if epoch_t0 is None or position == 0:
                 epoch_t0, epoch_train_time, epoch_start_position = time.perf_counter(), 0.0, position
+                logger.start_epoch(
+                    epoch + 1,
+                    epochs=config.epochs,
+                    steps=steps_per_epoch,
+                    done=position,
+                    batch_size=config.batch_size,
+                )
 
             chunk_end = min(steps_per_epoch, (position // config.log_every + 1) * config.log_every)
             if config.checkpoint_every_steps:
