@@ -66,6 +66,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list the architectures")
     sub.add_parser("presets", help="list the presets and what they set")
+
+    report = sub.add_parser(
+        "report",
+        help="figures and an HTML page of runs; several runs are also compared on one chart",
+        description="Write into each run directory curves.png, confusion.png, mistakes.png and "
+        "a self-contained report.html. With several runs, also write comparison.png and "
+        "comparison.html into --out.",
+    )
+    report.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run directories")
+    report.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="where the comparison of several runs goes (default: the directory holding the runs)",
+    )
+    runs = sub.add_parser("runs", help="list the runs under a directory with their results")
+    runs.add_argument("root", nargs="?", type=Path, default=Path("runs"), metavar="DIR", help="default: runs")
     return parser
 
 
@@ -108,7 +125,33 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "models": cmd_models, "presets": cmd_presets}
+def cmd_report(args: argparse.Namespace) -> int:
+    from jax_mnist.report import compare_runs, write_report
+
+    for run in args.runs:
+        for path in write_report(run):
+            print(path)
+    if len(args.runs) > 1:
+        for path in compare_runs(args.runs, args.out):
+            print(path)
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from jax_mnist.report import format_runs, summarize_runs
+
+    summaries = summarize_runs(args.root)
+    print(format_runs(summaries, args.root) if summaries else f"no runs under {args.root}")
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "models": cmd_models,
+    "presets": cmd_presets,
+    "report": cmd_report,
+    "runs": cmd_runs,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
