@@ -48,7 +48,7 @@ class EventWriter:
     Args:
       logdir: the directory of the event file (the run directory).
       start_step: the step a resumed run goes on from; TensorBoard then drops what an
-        earlier attempt logged after it (a ``SessionLog.START`` event at that step).
+        earlier attempt logged after it (a ``SessionLog.START`` event).
     """
 
     def __init__(self, logdir: Path, *, start_step: int = 0):
@@ -71,8 +71,9 @@ class EventWriter:
         self._writer = RecordWriter(self.path.open("ab"))
         self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
         if self.start_step:
+            # TensorBoard keeps what came before a START event's step and drops the rest.
             start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
-            self._write(event_pb2.Event(wall_time=time.time(), step=self.start_step, session_log=start))
+            self._write(event_pb2.Event(wall_time=time.time(), step=self.start_step + 1, session_log=start))
 
     def _write(self, event) -> None:
         self._writer.write(event.SerializeToString())
