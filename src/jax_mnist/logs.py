@@ -193,7 +193,7 @@ class RunLogger:
         if not self.enabled:
             return
         if self._console is not None:
-            self._console.print(text)
+            self._console.print(text, soft_wrap=True)
         else:
             print(text, file=self.stream, flush=True)
 
