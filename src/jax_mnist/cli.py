@@ -66,6 +66,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list the architectures")
     sub.add_parser("presets", help="list the presets and what they set")
+    datasets = sub.add_parser("datasets", help="list the datasets, their sizes and whether each is cached")
+    datasets.add_argument("--cache-dir", metavar="DIR", help="the download cache (default: user cache folder)")
+    datasets.add_argument(
+        "--files", action="store_true", help="list each file to download: URL, size, cache path, SHA-256"
+    )
+    download = sub.add_parser(
+        "download",
+        help="download a dataset into the cache and verify it (training downloads it too)",
+        description="Download a dataset's files from their official location (or $JAX_MNIST_MIRROR) "
+        "into the cache, resuming a partial download, and check their SHA-256.",
+    )
+    download.add_argument("name", metavar="NAME", help="a dataset from `jax-mnist datasets`")
+    download.add_argument("--cache-dir", metavar="DIR", help="the download cache (default: user cache folder)")
 
     report = sub.add_parser(
         "report",
@@ -145,10 +158,32 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from jax_mnist.data.download import describe, format_datasets, format_files, resolve_cache_dir
+
+    if args.files:
+        print(format_files(args.cache_dir))
+        return 0
+    print(f"cache: {resolve_cache_dir(args.cache_dir)}\n{format_datasets(describe(args.cache_dir))}")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from jax_mnist.data.datasets import DATASETS
+    from jax_mnist.data.download import fetch_dataset
+
+    if args.name not in DATASETS:
+        raise UserError(f"unknown dataset {args.name!r}; choose from {', '.join(DATASETS)}")
+    print(fetch_dataset(DATASETS[args.name], args.cache_dir))
+    return 0
+
+
 COMMANDS = {
     "train": cmd_train,
     "models": cmd_models,
     "presets": cmd_presets,
+    "datasets": cmd_datasets,
+    "download": cmd_download,
     "report": cmd_report,
     "runs": cmd_runs,
 }

@@ -80,6 +80,24 @@ class Config:
         "folder with the dataset's four IDX files (gzipped or not) to use instead of the bundled copy",
         group="data",
     )
+    data_source: str = option(
+        "idx",
+        "where the images come from: idx reads IDX files (bundled MNIST, --data-dir, or downloaded "
+        "into --cache-dir); tfds loads them through tensorflow_datasets (pip install 'jax-mnist[tfds]')",
+        choices=("idx", "tfds"),
+        group="data",
+    )
+    cache_dir: str | None = option(
+        None,
+        "folder that downloaded datasets are kept in (default: the user cache folder, "
+        "e.g. ~/.cache/jax-mnist on Linux)",
+        group="data",
+    )
+    tfds_data_dir: str | None = option(
+        None,
+        "tensorflow_datasets data folder for --data-source tfds (default: tfds' own, ~/tensorflow_datasets)",
+        group="data",
+    )
     val_size: int = option(
         5000,
         "training examples held out for validation, chosen from --seed; 0 trains on the whole training set",

@@ -1,19 +1,38 @@
-"""Datasets: the bundled MNIST, files in a folder, and (by name) the sister datasets."""
+"""Datasets: the bundled MNIST, files in a folder, downloads of the sister datasets, and tfds."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from jax_mnist.config import Config
-from jax_mnist.data.datasets import DATASETS, Arrays, bundled_dir, load_from_dir
+from jax_mnist.data.datasets import DATASETS, Arrays, DatasetInfo, bundled_dir, load_from_dir
+from jax_mnist.errors import ConfigError
 
 
 def load_dataset(config: Config) -> Arrays:
-    """The four splits of ``config.dataset`` as uint8 host arrays, verified by checksum."""
+    """The four splits of ``config.dataset`` as uint8 host arrays, verified by checksum.
+
+    ``--data-source tfds`` loads through tensorflow_datasets (from ``--tfds-data-dir``).
+    Otherwise the IDX files come from ``--data-dir`` if given, from the package for MNIST, and
+    from the cache for the other datasets, downloaded into it first if they are not there.
+    """
     info = DATASETS[config.dataset]
+    if config.data_source == "tfds":
+        if config.data_dir is not None:
+            raise ConfigError(
+                "--data-dir",
+                "reads IDX files; with --data-source tfds give the tfds folder as --tfds-data-dir",
+            )
+        from jax_mnist.data.tfds_source import load_tfds
+
+        return load_tfds(info, config.tfds_data_dir)
     if config.data_dir is not None:
         return load_from_dir(info, Path(config.data_dir))
-    return load_from_dir(info, bundled_dir())
+    if info.bundled:
+        return load_from_dir(info, bundled_dir())
+    from jax_mnist.data.download import load_cached
+
+    return load_cached(info, config.cache_dir)
 
 
-__all__ = ["DATASETS", "Arrays", "load_dataset"]
+__all__ = ["DATASETS", "Arrays", "DatasetInfo", "load_dataset"]
