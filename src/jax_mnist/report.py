@@ -286,7 +286,18 @@ def _display_names(runs: list[Run]) -> list[str]:
 
 
 def save_figure(fig, path: Path) -> Path:
-    fig.savefig(path, format="png", dpi=DPI, metadata={"Software": None})
+    try:
+        fig.savefig(path, format="png", dpi=DPI, metadata={"Software": None})
+    except OSError as e:
+        raise UserError(f"{path}: cannot write ({e.strerror})") from None
+    return path
+
+
+def write_text(path: Path, text: str) -> Path:
+    try:
+        path.write_text(text)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write ({e.strerror})") from None
     return path
 
 
@@ -326,8 +337,7 @@ def write_report(run_dir: str | Path) -> list[Path]:
             )
         figure = plot_mistakes(test_images, labels, softmax(logits.astype(np.float64)), class_names)
         written.append(save_figure(figure, run.path / MISTAKES))
-    page = run.path / PAGE
-    page.write_text(render_run_page(run, written, notes))
+    page = write_text(run.path / PAGE, render_run_page(run, written, notes))
     return [*written, page]
 
 
@@ -440,7 +450,11 @@ def render_run_page(run: Run, figures: list[Path], notes: list[str]) -> str:
 
 def default_comparison_dir(run_dirs: list[Path]) -> Path:
     """Where a comparison goes without ``--out``: the directory holding the runs."""
-    return Path(os.path.commonpath([Path(p).resolve().parent for p in run_dirs]))
+    parents = [os.path.normpath(Path(p).parent) for p in run_dirs]
+    try:
+        return Path(os.path.commonpath(parents) or ".")
+    except ValueError:  # relative and absolute paths mixed
+        return Path(os.path.commonpath([os.path.abspath(p) for p in parents]))
 
 
 def compare_runs(run_dirs: list[str | Path], out: str | Path | None = None) -> list[Path]:
@@ -464,7 +478,9 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path | None = None) -> l
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"{out}: cannot create the output directory ({e.strerror}); use --out DIR") from None
+        raise UserError(
+            f"{out}: cannot create the output directory ({e.strerror}); choose another with --out DIR"
+        ) from None
     chart = save_figure(plot_comparison(runs), out / COMPARISON)
     header = "".join(
         f"<th>{h}</th>"
@@ -488,7 +504,7 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path | None = None) -> l
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     body = f"<table><tr>{header}</tr>{''.join(rows)}</table>\n{_figure_html(chart)}"
     page = out / COMPARISON_PAGE
-    page.write_text(_page(f"jax-mnist: {len(runs)} runs compared", body))
+    write_text(page, _page(f"jax-mnist: {len(runs)} runs compared", body))
     return [chart, page]
 
 
