@@ -12,6 +12,10 @@ import pytest
 from conftest import run_cli, tiny_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.backend.event_processing.plugin_event_accumulator import (
+    EventAccumulator as PluginEventAccumulator,
+)
+from tensorboard.util import tensor_util
 
 from jax_mnist.logs import EventWriter, RunLogger, use_progress_bar
 
@@ -117,6 +121,11 @@ def test_resumed_run_replaces_what_tensorboard_saw_after_the_checkpoint(tmp_path
     resumed.scalars(30, {"train/loss": 2.0})
     resumed.close()
     assert scalars(tmp_path)["train/loss"] == [(10, 1.0), (20, 1.0), (30, 2.0)]
+    # the loader behind the TensorBoard app
+    acc = PluginEventAccumulator(str(tmp_path))
+    acc.Reload()
+    values = [(e.step, tensor_util.make_ndarray(e.tensor_proto).item()) for e in acc.Tensors("train/loss")]
+    assert values == [(10, 1.0), (20, 1.0), (30, 2.0)]
 
 
 def test_progress_mode_auto_draws_a_bar_only_on_a_terminal(monkeypatch):

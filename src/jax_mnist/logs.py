@@ -70,10 +70,10 @@ class EventWriter:
         self.path = self.logdir / name
         self._writer = RecordWriter(self.path.open("ab"))
         self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
-        if self.start_step:
-            # TensorBoard keeps what came before a START event's step and drops the rest.
-            start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
-            self._write(event_pb2.Event(wall_time=time.time(), step=self.start_step + 1, session_log=start))
+        # TensorBoard keeps what came before a START event's step and drops the rest from
+        # the run; it ignores a run's first START, so every attempt writes one.
+        start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+        self._write(event_pb2.Event(wall_time=time.time(), step=self.start_step + 1, session_log=start))
 
     def _write(self, event) -> None:
         self._writer.write(event.SerializeToString())
