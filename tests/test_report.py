@@ -70,6 +70,16 @@ def test_an_unfinished_run_gets_its_curves_and_a_note(runs_dir, tmp_path):
     assert "not finished" in written[1].read_text()
 
 
+def test_without_the_test_images_the_report_says_why_the_gallery_is_missing(runs_dir, tmp_path):
+    run = tmp_path / "moved"
+    shutil.copytree(runs_dir / "b", run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "data_dir": str(tmp_path / "gone")}))
+    written = write_report(run)
+    assert [p.name for p in written] == ["curves.png", "confusion.png", "report.html"]
+    assert "No gallery of mistakes" in written[-1].read_text()
+
+
 def test_several_runs_are_compared_in_their_common_directory(runs_dir, capsys):
     assert main(["report", str(runs_dir / "a"), str(runs_dir / "b")]) == 0
     printed = capsys.readouterr().out.split()

@@ -214,6 +214,7 @@ def plot_mistakes(
     limit: int = MAX_MISTAKES,
 ):
     """A grid of the misclassified images, the most confident mistakes first."""
+    images = images.reshape(images.shape[:3])  # [N, H, W, 1] -> [N, H, W]
     predictions = probabilities.argmax(axis=-1)
     wrong = np.flatnonzero(predictions != labels)
     confidence = probabilities[wrong, predictions[wrong]]
@@ -326,17 +327,30 @@ def write_report(run_dir: str | Path) -> list[Path]:
         notes.append("No test_predictions.npz: the run has not finished, so there is no test evaluation yet.")
     else:
         logits, labels = predictions
+        if run.config.dataset not in DATASETS:
+            raise UserError(f"{run.path / 'config.json'}: unknown dataset {run.config.dataset!r}")
         class_names = DATASETS[run.config.dataset].class_names
+        if logits.shape[1] != len(class_names) or labels.max(initial=0) >= len(class_names):
+            raise UserError(
+                f"{run.path / 'test_predictions.npz'}: {logits.shape[1]} classes, "
+                f"but {run.config.dataset} has {len(class_names)}"
+            )
         matrix = confusion_matrix(labels, logits.argmax(axis=-1), len(class_names))
         written.append(save_figure(plot_confusion(matrix, class_names), run.path / CONFUSION))
-        test_images = load_dataset(run.config).test_images
-        if len(test_images) != len(labels):
-            raise UserError(
-                f"{run.path / 'test_predictions.npz'}: {len(labels)} predictions, "
-                f"but the {run.config.dataset} test set has {len(test_images)} images"
-            )
-        figure = plot_mistakes(test_images, labels, softmax(logits.astype(np.float64)), class_names)
-        written.append(save_figure(figure, run.path / MISTAKES))
+        try:
+            test_images = load_dataset(run.config).test_images
+        except UserError as e:  # the confusion matrix needs no images: say why the gallery is missing
+            test_images = None
+            notes.append(f"No gallery of mistakes: the test images could not be read ({e}).")
+        if test_images is not None:
+            if len(test_images) != len(labels):
+                raise UserError(
+                    f"{run.path / 'test_predictions.npz'}: {len(labels)} predictions, "
+                    f"but the {run.config.dataset} test set has {len(test_images)} images"
+                )
+            probabilities = softmax(logits.astype(np.float64))
+            figure = plot_mistakes(test_images, labels, probabilities, class_names)
+            written.append(save_figure(figure, run.path / MISTAKES))
     page = write_text(run.path / PAGE, render_run_page(run, written, notes))
     return [*written, page]
 
