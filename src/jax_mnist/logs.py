@@ -147,6 +147,9 @@ class RunLogger:
       stream: where console output goes (default: standard output).
       progress: ``auto`` (a bar on a terminal, plain lines otherwise), ``bar`` or ``plain``.
       tensorboard: write TensorBoard event files into ``workdir``.
+
+    The defaults (plain lines, no event files) suit library use; ``train_and_evaluate``
+    passes the run's ``--progress`` and ``--tensorboard``.
     """
 
     def __init__(
