@@ -8,11 +8,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import json
+import logging
+import os
 import sys
 from pathlib import Path
 
 from jax_mnist.config import FIELDS, PRESETS, Config, field_type, flag_name, preset_config, resolve_config
-from jax_mnist.errors import UserError
+from jax_mnist.errors import ConfigError, UserError
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +37,32 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                 "|".join(meta["choices"]) if meta["choices"] else field.name.split("_")[-1].upper()
             )
         group.add_argument(flag_name(field.name), **kwargs)
+
+
+def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags that join this process to a multi-process run. They are not config fields:
+    they differ between the processes of one run and are neither saved nor compared on resume."""
+    group = parser.add_argument_group(
+        "processes", "several processes or machines in one run (see README: several machines)"
+    )
+    group.add_argument(
+        "--coordinator", metavar="HOST:PORT", help="address of process 0, which every process connects to"
+    )
+    group.add_argument("--num-processes", type=int, metavar="N", help="how many processes take part")
+    group.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 to N-1")
+    group.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-process run, detecting what is not given from the cluster "
+        "(SLURM, Open MPI, Kubernetes, Cloud TPU)",
+    )
+    group.add_argument(
+        "--coordinator-timeout",
+        type=int,
+        default=300,
+        metavar="SECONDS",
+        help="give up if not every process has joined within this time (default: 300)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +92,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="resume from the latest checkpoint in --workdir (an error if none)",
     )
     add_config_flags(train)
+    add_distributed_flags(train)
+
+    evaluate = sub.add_parser(
+        "evaluate", help="test metrics of trained runs; several runs are also evaluated as an ensemble",
+        description="Print test loss, accuracy, per-class accuracy and the confusion matrix of "
+                    "each run, and of their ensemble (averaged probabilities) when several are given.")
+    evaluate.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run directories")
+    evaluate.add_argument("--checkpoint", default="best", metavar="latest|best|STEP",
+                          help="which checkpoint of each run (default: best by validation accuracy)")
+    evaluate.add_argument("--data-dir", metavar="DIR", help="read the test set from this folder")
+    evaluate.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    predict = sub.add_parser(
+        "predict", help="predict the digit in image files or .npy arrays",
+        description="Predict the class of each input. Images of any size and either polarity are "
+                    "brought to MNIST's form first (grayscale, white on black, fitted in 20x20, "
+                    "centred by centre of mass in 28x28).")
+    predict.add_argument("run", type=Path, metavar="RUN", help="run directory")
+    predict.add_argument("inputs", nargs="+", type=Path, metavar="FILE",
+                         help="image files (PNG, JPEG, ...) or .npy arrays [H, W] or [N, H, W]")
+    predict.add_argument("--checkpoint", default="best", metavar="latest|best|STEP",
+                         help="which checkpoint (default: best by validation accuracy)")
+    predict.add_argument("--top", type=int, default=1, metavar="K", help="show the K most likely classes")
+    predict.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     sub.add_parser("models", help="list the architectures")
     sub.add_parser("presets", help="list the presets and what they set")
@@ -101,8 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from jax_mnist.checkpoint import Checkpoints
+    from jax_mnist.parallel import DistributedSettings, initialize_distributed
     from jax_mnist.train import train_and_evaluate
 
+    # First, before anything (Orbax included) touches a device.
+    distributed = DistributedSettings(
+        args.coordinator, args.num_processes, args.process_id, args.distributed, args.coordinator_timeout
+    )
+    initialize_distributed(distributed, on_timeout=_exit_with_error)
     flags = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
     workdir = args.workdir or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     stored = None
@@ -113,6 +172,60 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = resolve_config(flags, args.config, stored).validate()
     train_and_evaluate(config, workdir, resume=args.resume)
     return 0
+
+
+def _checkpoint_choice(value: str) -> str | int:
+    if value in ("latest", "best"):
+        return value
+    if value.isdigit():
+        return int(value)
+    raise ConfigError("--checkpoint", f"must be latest, best or a step number, got {value!r}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from jax_mnist.evaluate import evaluate_runs, format_metrics
+
+    which = _checkpoint_choice(args.checkpoint)
+    result = evaluate_runs(args.runs, which, data_dir=args.data_dir, warn=_warn)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    names = result["class_names"]
+    for member in result["members"]:
+        print(format_metrics(f"{member['workdir']} (step {member['step']})", member, names) + "\n")
+    if result["ensemble"] is not None:
+        print(format_metrics(f"ensemble of {len(result['members'])}", result["ensemble"], names))
+        for member in result["members"]:
+            print(f"  member {member['workdir']}: {100 * member['accuracy']:.2f}%")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from jax_mnist.predict import predict_files
+
+    if args.top < 1:
+        raise ConfigError("--top", f"must be at least 1, got {args.top}")
+    predictions, errors = predict_files(args.run, args.inputs, which=_checkpoint_choice(args.checkpoint),
+                                        top=args.top, warn=_warn)
+    if args.json:
+        print(json.dumps({"predictions": predictions, "errors": errors}, indent=2))
+    else:
+        for p in predictions:
+            best = ", ".join(f"{label} ({100 * prob:.1f}%)" for label, prob in p["top"])
+            print(f"{p['input']}: {best}")
+    for line in errors:
+        print(f"jax-mnist: error: {line}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _exit_with_error(message: str) -> None:
+    # Called from a watchdog thread while JAX waits in C++: no exception can reach main().
+    print(f"jax-mnist: error: {message}", file=sys.stderr, flush=True)
+    os._exit(UserError.exit_code)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -180,6 +293,8 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "predict": cmd_predict,
     "models": cmd_models,
     "presets": cmd_presets,
     "datasets": cmd_datasets,
@@ -192,6 +307,8 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     """Runs ``jax-mnist`` with ``argv``; returns the exit code."""
     args = build_parser().parse_args(argv)
+    # Orbax logs through absl at WARNING for routine events (opening a run read-only).
+    logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         return COMMANDS[args.command](args)
     except UserError as e:

@@ -1,10 +1,18 @@
-"""Classification metrics from logits."""
+"""Evaluating trained models: metrics from logits, restoring runs, ensembles."""
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
+
+from jax_mnist.checkpoint import Checkpoints
+from jax_mnist.config import Config
+from jax_mnist.errors import UserError
+from jax_mnist.parallel import create_mesh, to_host
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -36,3 +44,98 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: 
         "per_class_accuracy": per_class.tolist(),
         "confusion": confusion.tolist(),
     }
+
+
+@dataclasses.dataclass
+class RestoredRun:
+    """A trained model read back from a run directory."""
+
+    workdir: Path
+    config: Config
+    setup: Any  # train.Setup
+    state: Any  # steps.TrainState
+    meta: dict[str, Any]
+
+    def predict_logits(self, images: np.ndarray) -> np.ndarray:
+        """Logits float32 ``[N, C]`` for uint8 or [0, 1] float images ``[N, 28, 28]``."""
+        from jax_mnist.train import eval_params, make_predict_fn
+
+        predict = make_predict_fn(self.setup)
+        return to_host(predict(eval_params(self.state), self.state.model_state, jnp.asarray(images)))
+
+
+def restore_run(workdir: str | Path, which: str | int = "best", *, warn=print) -> RestoredRun:
+    """Rebuilds the model a run trained, from its checkpoint and the config stored in it.
+
+    Args:
+      workdir: the run directory.
+      which: ``best`` (by validation accuracy; the latest when the run had no validation
+        split), ``latest`` or a step number.
+    """
+    from jax_mnist.train import abstract_train_state, create_setup
+
+    workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise UserError(f"{workdir}: no such run directory")
+    checkpoints = Checkpoints(workdir, read_only=True)
+    config = checkpoints.read_config(which)
+    setup = create_setup(config, steps_per_epoch=1, mesh=create_mesh(1))
+    restored = checkpoints.restore(abstract_train_state(setup), which, warn=warn)
+    if restored is None:
+        raise UserError(f"{workdir}: no checkpoint to evaluate; train first")
+    state, meta = restored
+    checkpoints.close()
+    return RestoredRun(workdir, config, setup, state, meta)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    return np.exp(log_softmax(np.asarray(logits, np.float64)))
+
+
+def evaluate_runs(workdirs: list[str | Path], which: str | int = "best", *,
+                  data_dir: str | None = None, warn=print) -> dict[str, Any]:
+    """Test metrics of each run and, for several runs, of their ensemble.
+
+    The ensemble averages the members' softmax probabilities.
+
+    Returns:
+      ``{"members": [{"workdir", "step", **metrics}, ...], "ensemble": metrics or None}``,
+      metrics as in :func:`classification_metrics`.
+    """
+    from jax_mnist.data import load_dataset
+
+    runs = [restore_run(w, which, warn=warn) for w in workdirs]
+    datasets = {run.config.dataset for run in runs}
+    if len(datasets) > 1:
+        raise UserError(f"runs trained on different datasets ({', '.join(sorted(datasets))}) "
+                        "cannot be evaluated together")
+    config = runs[0].config
+    if data_dir is not None:
+        config = config.replace(data_dir=data_dir)
+    arrays = load_dataset(config)
+    num_classes = runs[0].setup.info.num_classes
+    members, probabilities = [], []
+    for run in runs:
+        logits = run.predict_logits(arrays.test_images)
+        probabilities.append(softmax(logits))
+        members.append({"workdir": str(run.workdir), "step": run.meta["step"], "model": run.config.model,
+                        **classification_metrics(logits, arrays.test_labels, num_classes)})
+    ensemble = None
+    if len(runs) > 1:
+        ensemble = classification_metrics(np.log(np.mean(probabilities, axis=0) + 1e-12),
+                                          arrays.test_labels, num_classes)
+    return {"dataset": config.dataset, "class_names": list(runs[0].setup.info.class_names),
+            "members": members, "ensemble": ensemble}
+
+
+def format_metrics(name: str, metrics: dict[str, Any], class_names: list[str]) -> str:
+    """A human-readable block: loss, accuracy, per-class accuracy, confusion matrix."""
+    lines = [f"{name}: test loss {metrics['loss']:.4f}, test accuracy {100 * metrics['accuracy']:.2f}%"]
+    lines.append("per-class accuracy: " + "  ".join(
+        f"{c}: {100 * a:.1f}%" for c, a in zip(class_names, metrics["per_class_accuracy"], strict=True)))
+    width = max(5, *(len(c) for c in class_names))
+    lines.append("confusion matrix (rows: true, columns: predicted):")
+    lines.append(" " * width + "".join(f"{c[:width]:>{width + 1}}" for c in class_names))
+    for c, row in zip(class_names, metrics["confusion"], strict=True):
+        lines.append(f"{c[:width]:>{width}}" + "".join(f"{v:>{width + 1}}" for v in row))
+    return "\n".join(lines)
