@@ -156,11 +156,33 @@ def test_good_download_is_verified_cached_and_loaded(server, tmp_path):
     assert not is_cached(info, tmp_path)
     assert_arrays_equal(load_cached(info, tmp_path, progress=False, timeout=TIMEOUT), arrays)
     assert is_cached(info, tmp_path)
-    assert sorted(p.name for p in (tmp_path / "toy").iterdir()) == sorted(d.filename for d in info.downloads)
+    files = sorted(p.name for p in (tmp_path / "toy").iterdir() if p.name != ".lock")
+    assert files == sorted(d.filename for d in info.downloads)
     assert len(server.requests) == 4 and all(r is None for _, r in server.requests)
     # Loaded again: from the cache, no request.
     assert_arrays_equal(load_cached(info, tmp_path, progress=False, timeout=TIMEOUT), arrays)
     assert len(server.requests) == 4
+
+
+def test_processes_sharing_a_cache_download_each_file_once(server, tmp_path):
+    info, arrays = toy_dataset(server)
+    results, errors = [], []
+
+    def fetch():
+        try:
+            results.append(load_cached(info, tmp_path, progress=False, timeout=TIMEOUT))
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=fetch) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not errors and len(results) == 3
+    for loaded in results:
+        assert_arrays_equal(loaded, arrays)
+    assert sorted(p for p, _ in server.requests) == sorted(f"/toy/{d.filename}" for d in info.downloads)
 
 
 def test_checksum_mismatch_deletes_the_file_and_says_so(server, tmp_path):
@@ -256,7 +278,7 @@ def test_mirror_from_the_environment_and_the_dataset_flag(server, tmp_path, monk
     with pytest.raises(DataError, match=r"fashion_mnist/train-images-idx3-ubyte\.gz: checksum mismatch"):
         load_dataset(Config(dataset="fashion_mnist", cache_dir=str(tmp_path)))
     assert server.requests == [("/fashion_mnist/train-images-idx3-ubyte.gz", None)]
-    assert not any((tmp_path / "fashion_mnist").iterdir())
+    assert [p.name for p in (tmp_path / "fashion_mnist").iterdir()] == [".lock"]
 
 
 def test_zip_archive_is_verified_extracted_and_transposed(server, tmp_path):

@@ -20,6 +20,7 @@ replaced by a mirror (``JAX_MNIST_MIRROR``, or ``mirror=`` here): files are then
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import socket
@@ -265,15 +266,16 @@ def _fetch(url: str, part: Path, *, size: int | None, timeout: float, progress: 
                 while chunk := response.read(CHUNK):
                     f.write(chunk)
                     bar.advance(len(chunk))
+            got = part.stat().st_size
+            # A server that closes the connection early ends the body without an error.
+            if length and length.isdigit() and got != have + int(length):
+                raise _Retryable(f"transfer cut after {got:,} of {have + int(length):,} bytes")
             ok = True
         except (TimeoutError, ConnectionError, http.client.HTTPException) as e:
             what = type(e).__name__ if not str(e) else str(e)
             raise _Retryable(f"transfer cut after {part.stat().st_size:,} bytes: {what}") from None
         finally:
             bar.close(ok)
-    got = part.stat().st_size
-    if length and length.isdigit() and got != have + int(length):
-        raise _Retryable(f"transfer cut after {got:,} of {have + int(length):,} bytes")
 
 
 def _range_starts_at(response, offset: int) -> bool:
@@ -314,6 +316,33 @@ def fetch_dataset(
         raise DataError(
             f"{directory}: cannot create the cache folder ({e.strerror}); set --cache-dir"
         ) from None
+    with _cache_lock(directory):
+        # Another process may have filled the cache while this one waited for the lock.
+        if not is_cached(info, cache_dir):
+            _fetch_missing(info, directory, mirror=mirror, progress=progress, **download_options)
+    return directory
+
+
+@contextlib.contextmanager
+def _cache_lock(directory: Path):
+    """An exclusive lock on ``directory/.lock``, so that processes sharing a cache (the processes
+    of one run, or two runs) never write the same ``.part`` file at once. No lock where
+    ``fcntl`` is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with (directory / ".lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _fetch_missing(info: DatasetInfo, directory: Path, *, mirror, progress, **download_options) -> None:
+    """Downloads the files of ``info`` not yet in ``directory``, then extracts an archive."""
     for download in info.downloads:
         dest = directory / download.filename
         if dest.is_file():
@@ -335,7 +364,6 @@ def fetch_dataset(
             ) from None
     if info.archive_members:
         extract_members(directory / info.downloads[0].filename, info.archive_members, directory)
-    return directory
 
 
 def extract_members(archive: Path, members: tuple[str, ...], directory: Path) -> None:
