@@ -41,9 +41,19 @@ def option(
     return dataclasses.field(default=default, metadata=meta)
 
 
-# Fields that set only how long or how often a run goes; they may change when a run resumes.
+# Fields that set only how long or how often a run goes, or on how many devices (results do
+# not depend on the layout); they may change when a run resumes.
 SCHEDULE_ONLY_FIELDS = frozenset(
-    {"epochs", "log_every", "checkpoint_every", "checkpoint_every_steps", "keep", "progress", "tensorboard"}
+    {
+        "epochs",
+        "log_every",
+        "checkpoint_every",
+        "checkpoint_every_steps",
+        "keep",
+        "progress",
+        "tensorboard",
+        "devices",
+    }
 )
 
 

@@ -35,7 +35,14 @@ from jax_mnist.evaluate import classification_metrics
 from jax_mnist.logs import RunLogger
 from jax_mnist.models import create_model
 from jax_mnist.optim import create_optimizer
-from jax_mnist.parallel import create_mesh, is_main_process, replicate, to_host
+from jax_mnist.parallel import (
+    agree_on_signal,
+    create_mesh,
+    is_main_process,
+    put_replicated,
+    replicate,
+    to_host,
+)
 
 
 class TrainingInterrupted(UserError):
@@ -131,10 +138,15 @@ def make_predict_fn(setup: Setup):
     padded, so there is a single compilation); a Python loop rather than ``lax.map`` for the
     same reason as in ``steps.train_chunk``.
     """
-    batch_size = setup.config.eval_batch_size
-    forward = jax.jit(
-        functools.partial(steps.predict_batch, settings=setup.settings), out_shardings=replicate(setup.mesh)
-    )
+    # Rounded up to a multiple of the devices: each device runs its shard of every batch.
+    num_devices = setup.mesh.devices.size
+    batch_size = -(-setup.config.eval_batch_size // num_devices) * num_devices
+
+    def forward_batch(params, model_state, images):
+        images = jax.lax.with_sharding_constraint(images, setup.settings.batch_sharding)
+        return steps.predict_batch(params, model_state, images, setup.settings)
+
+    forward = jax.jit(forward_batch, out_shardings=replicate(setup.mesh))
 
     def predict(params, model_state, images):
         n = images.shape[0]
@@ -242,7 +254,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
         (workdir / "config.json").write_text(config.to_json() + "\n")
 
     # -- the dataset goes to the device once, replicated; each device slices its own batches
-    on_device = functools.partial(jax.device_put, device=replicate(setup.mesh))
+    on_device = functools.partial(put_replicated, mesh=setup.mesh)
     train_images, train_labels = on_device(train_x), on_device(train_y.astype(np.int32))
     val_images, test_images = on_device(val_x), on_device(arrays.test_images)
 
@@ -269,7 +281,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
             if epoch_order is None or position == 0:
                 epoch_order = order_fn(state.data_key, epoch)
             if position == 0:
-                state = state.replace(epoch_sums=jax.device_put(steps.zero_sums(), replicate(setup.mesh)))
+                state = state.replace(epoch_sums=put_replicated(steps.zero_sums(), setup.mesh))
             if epoch_t0 is None or position == 0:
                 epoch_t0, epoch_train_time, epoch_start_position = time.perf_counter(), 0.0, position
                 logger.start_epoch(
@@ -319,6 +331,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
                     record["best_val_accuracy"] = best_val_accuracy
                 logger.log_epoch(record)
 
+            stop.signum = agree_on_signal(stop.signum)  # all processes stop at the same step
             save_now = (
                 stop.signum is not None
                 or step == total_steps
