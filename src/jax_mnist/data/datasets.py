@@ -173,8 +173,9 @@ FASHION_MNIST = DatasetInfo(
 
 KMNIST = DatasetInfo(
     name="kmnist",
-    # The ten hiragana of Kuzushiji-MNIST, by label (kmnist_classmap.csv).
-    class_names=("o お", "ki き", "su す", "tsu つ", "na な", "ha は", "ma ま", "ya や", "re れ", "wo を"),
+    # The ten hiragana of Kuzushiji-MNIST by label (kmnist_classmap.csv): お き す つ な は ま や れ を,
+    # romanized so that terminals and plot fonts without kana show them.
+    class_names=("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
     content_sha256=_NO_CONTENT_SUMS,
     # Training-image statistics (pixel / 255) as commonly quoted; only normalization uses them.
     mean=0.1918,
