@@ -42,7 +42,7 @@ def option(
 
 
 # Fields that set only how long or how often a run goes, or on how many devices (results do
-# not depend on the layout); they may change when a run resumes.
+# not depend on the layout), or where downloaded data is kept; they may change when a run resumes.
 SCHEDULE_ONLY_FIELDS = frozenset(
     {
         "epochs",
@@ -53,6 +53,8 @@ SCHEDULE_ONLY_FIELDS = frozenset(
         "progress",
         "tensorboard",
         "devices",
+        "cache_dir",
+        "tfds_data_dir",
     }
 )
 
