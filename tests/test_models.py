@@ -1,16 +1,76 @@
+"""One property table over every registered model (optax-style), plus model-specific facts."""
+
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from conftest import tiny_config
 
+from jax_mnist import steps, train
+from jax_mnist.checkpoint import Checkpoints
+from jax_mnist.config import Config
+from jax_mnist.data import load_dataset
 from jax_mnist.models import MODELS, count_params, create_model
 
+ALL_MODELS = sorted(MODELS)
 
-def test_seed_cnn_shape_and_parameter_count():
-    model = create_model("cnn", dropout=0.5)
+
+@pytest.fixture(scope="module")
+def batch():
+    arrays = load_dataset(Config())
+    return jnp.asarray(arrays.train_images[:64]), jnp.asarray(arrays.train_labels[:64], jnp.int32)
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_output_shape_and_dtype(name):
+    model = create_model(name, num_classes=10, dropout=0.5)
     logits = model(jnp.zeros((3, 28, 28, 1)), train=False)
     assert logits.shape == (3, 10) and logits.dtype == jnp.float32
+    assert create_model(name, num_classes=7)(jnp.zeros((2, 28, 28, 1))).shape == (2, 7)
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_training_steps_lower_the_loss_and_evaluation_is_deterministic(name, batch, tmp_path):
+    config = Config(model=name, dropout=0.1, lr=3e-3)
+    setup = train.create_setup(config, steps_per_epoch=10)
+    state = train.create_train_state(setup)
+    step = jax.jit(functools.partial(steps.train_step, settings=setup.settings))
+    losses = []
+    for _ in range(6):
+        state, sums = step(state, *batch)
+        losses.append(float(sums["loss"] / sums["count"]))
+    assert losses[-1] < 0.8 * losses[0], losses
+
+    predict = train.make_predict_fn(setup)
+    a = predict(state.params, state.model_state, batch[0])
+    np.testing.assert_array_equal(a, predict(state.params, state.model_state, batch[0]))
+    # Evaluation of one image does not depend on the rest of its batch (batch norm uses
+    # its running statistics).
+    np.testing.assert_allclose(predict(state.params, state.model_state, batch[0][:1])[0], a[0], rtol=1e-4, atol=1e-4)
+
+    # Parameters and batch statistics round-trip through a checkpoint exactly.
+    checkpoints = Checkpoints(tmp_path, keep=1)
+    checkpoints.save(state, {"step": 6, "epoch": 0.6}, config)
+    restored, _ = checkpoints.restore(train.abstract_train_state(setup))
+    for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("name", ["vgg", "resnet"])
+def test_batch_norm_statistics_move_in_training_only(name, batch):
+    setup = train.create_setup(Config(model=name), steps_per_epoch=10)
+    state = train.create_train_state(setup)
+    before = jax.tree.leaves(state.model_state)
+    assert before, "a batch-normalized model has batch statistics"
+    state, _ = jax.jit(functools.partial(steps.train_step, settings=setup.settings))(state, *batch)
+    assert any(not np.allclose(a, b) for a, b in zip(before, jax.tree.leaves(state.model_state), strict=True))
+
+
+def test_seed_cnn_parameter_count():
     # conv 3*3*1*32+32, conv 3*3*32*64+64, dense 3136*256+256, dense 256*10+10
-    assert count_params(model) == 320 + 18_496 + 803_072 + 2_570
+    assert count_params(create_model("cnn")) == 320 + 18_496 + 803_072 + 2_570
 
 
 def test_dropout_only_in_training():
@@ -22,5 +82,15 @@ def test_dropout_only_in_training():
     assert not np.allclose(a, b)
 
 
-def test_registry_names():
-    assert "cnn" in MODELS
+@pytest.mark.parametrize("name", ["mlp", "vgg"])
+def test_width_and_depth_knobs(name):
+    small = count_params(create_model(name, width=16, depth=1))
+    assert count_params(create_model(name, width=32, depth=1)) > small
+    assert count_params(create_model(name, width=16, depth=3)) > small
+
+
+def test_a_batch_norm_model_trains_end_to_end(tmp_path):
+    # Three short epochs: enough for the running statistics (momentum 0.9) to forget their
+    # initial values, so evaluation with them is meaningful.
+    final = train.train_and_evaluate(tiny_config(model="resnet", epochs=3, lr=3e-3), tmp_path / "run")
+    assert final["test_accuracy"] > 0.6

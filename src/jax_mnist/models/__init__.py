@@ -15,6 +15,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_mnist.models.cnn import CNN
+from jax_mnist.models.lenet import LeNet5
+from jax_mnist.models.mlp import MLP
+from jax_mnist.models.resnet import ResNet
+from jax_mnist.models.vgg import VGG
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +29,10 @@ class ModelEntry:
 
 MODELS: dict[str, ModelEntry] = {
     "cnn": ModelEntry(CNN, "the seed's CNN: 2 conv (32, 64) + avg-pool, dense 256, dropout"),
+    "lenet5": ModelEntry(LeNet5, "LeNet-5 with ReLU and max-pool: conv 6, 16 (5x5), dense 120, 84"),
+    "mlp": ModelEntry(MLP, "multilayer perceptron: --depth x dense --width (2 x 512)"),
+    "vgg": ModelEntry(VGG, "VGG-style, batch norm: 3 stages of --depth 3x3 convs (32, 64, 128)"),
+    "resnet": ModelEntry(ResNet, "pre-activation ResNet, batch norm: 3 stages of --depth blocks (16, 32, 64)"),
 }
 
 
