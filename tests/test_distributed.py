@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 from conftest import REPO, run_cli, tiny_config
 
+from jax_mnist import cli
 from jax_mnist.checkpoint import Checkpoints
 from jax_mnist.errors import ConfigError, UserError
 from jax_mnist.parallel import DistributedSettings, initialize_distributed
@@ -126,7 +128,7 @@ def test_four_simulated_devices_train_like_one():
         timeout=420,
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    assert " 5 passed" in result.stdout, result.stdout[-2000:]
+    assert re.search(r"^5 passed", result.stdout, re.M), result.stdout[-2000:]  # none skipped
 
 
 # -- two processes on loopback ---------------------------------------------------------------
@@ -271,6 +273,13 @@ def test_distributed_outside_a_cluster_says_what_to_give(tmp_path):
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("jax-mnist: error: --distributed: cannot set up the run from the environment")
     assert line.endswith("give --coordinator, --num-processes and --process-id")
+
+
+def test_several_processes_need_a_workdir(capsys):
+    assert cli.main(["train", "--coordinator", "h:1", "--num-processes", "2", "--process-id", "1"]) == 1
+    assert capsys.readouterr().err == (
+        "jax-mnist: error: --workdir: a multi-process run needs a run directory that every process sees\n"
+    )
 
 
 def test_a_single_run_joins_nothing():

@@ -161,6 +161,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     distributed = DistributedSettings(
         args.coordinator, args.num_processes, args.process_id, args.distributed, args.coordinator_timeout
     )
+    if distributed.requested and args.workdir is None:
+        raise UserError("--workdir: a multi-process run needs a run directory that every process sees")
     initialize_distributed(distributed, on_timeout=_exit_with_error)
     flags = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
     workdir = args.workdir or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
