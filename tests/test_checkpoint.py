@@ -50,7 +50,9 @@ def test_stop_and_resume_equals_straight_run_bit_for_bit(tmp_path):
     # The resumed run also keeps the test record of its first, 1-epoch part.
     first_part_test = [r for r in records(tmp_path / "resumed") if r["kind"] == "test"][0]
     assert first_part_test["step"] == 16
-    assert records(tmp_path / "straight") == [r for r in records(tmp_path / "resumed") if r != first_part_test]
+    assert records(tmp_path / "straight") == [
+        r for r in records(tmp_path / "resumed") if r != first_part_test
+    ]
     assert straight["test_loss"] == resumed["test_loss"]
     a = restore_run(tmp_path / "straight", "latest")
     b = restore_run(tmp_path / "resumed", "latest")
@@ -119,15 +121,32 @@ def test_evaluate_missing_run_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_mid_epoch_saves_and_resume_loses_nothing(tmp_path, signum):
-    flags = ["--train-size", "4096", "--val-size", "512", "--batch-size", "64", "--epochs", "2",
-             "--log-every", "4", "--eval-batch-size", "512"]
+    flags = [
+        "--train-size",
+        "4096",
+        "--val-size",
+        "512",
+        "--batch-size",
+        "64",
+        "--epochs",
+        "2",
+        "--log-every",
+        "4",
+        "--eval-batch-size",
+        "512",
+    ]
     straight = run_cli("train", *flags, "--workdir", str(tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr
 
     workdir = tmp_path / "interrupted"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "jax_mnist", "train", *flags, "--workdir", str(workdir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jax_mnist", "train", *flags, "--workdir", str(workdir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         seen = 0
         deadline = time.monotonic() + 300

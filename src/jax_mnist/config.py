@@ -359,7 +359,32 @@ def seed() -> Config:
     return Config()
 
 
-PRESETS = {"seed": seed}
+def fast() -> Config:
+    """The least wall time to 99% test accuracy on a CPU: the seed CNN, 2 epochs, one-cycle."""
+    # The one-cycle schedule reaches in 2 epochs what a constant 1e-3 reaches in 4-5; the
+    # whole training set is used since there is nothing to select on a validation split.
+    return Config(epochs=2, schedule="onecycle", lr=3e-3, val_size=0)
+
+
+def best() -> Config:
+    """The highest single-model accuracy: a batch-normalized VGG with augmentation."""
+    return Config(
+        model="vgg",  # 3 stages of 2 x (conv 3x3 - batch norm - ReLU), 32/64/128 channels
+        dropout=0.3,
+        epochs=12,
+        optimizer="adamw",
+        lr=3e-3,
+        weight_decay=5e-4,  # decoupled, on kernels only
+        schedule="onecycle",  # warm up then anneal: the last epochs settle into a minimum
+        label_smoothing=0.1,  # calibrated, less overconfident logits; helps ensembles too
+        ema_decay=0.999,  # evaluate the averaged weights: steadier than the last step's
+        aug_shift=2.0,  # MNIST digits vary in position, slant and size by about this much
+        aug_rotate=10.0,
+        aug_scale=0.1,
+    )
+
+
+PRESETS = {"seed": seed, "fast": fast, "best": best}
 
 
 def preset_config(name: str) -> Config:

@@ -92,8 +92,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return np.exp(log_softmax(np.asarray(logits, np.float64)))
 
 
-def evaluate_runs(workdirs: list[str | Path], which: str | int = "best", *,
-                  data_dir: str | None = None, warn=print) -> dict[str, Any]:
+def evaluate_runs(
+    workdirs: list[str | Path], which: str | int = "best", *, data_dir: str | None = None, warn=print
+) -> dict[str, Any]:
     """Test metrics of each run and, for several runs, of their ensemble.
 
     The ensemble averages the members' softmax probabilities.
@@ -107,8 +108,9 @@ def evaluate_runs(workdirs: list[str | Path], which: str | int = "best", *,
     runs = [restore_run(w, which, warn=warn) for w in workdirs]
     datasets = {run.config.dataset for run in runs}
     if len(datasets) > 1:
-        raise UserError(f"runs trained on different datasets ({', '.join(sorted(datasets))}) "
-                        "cannot be evaluated together")
+        raise UserError(
+            f"runs trained on different datasets ({', '.join(sorted(datasets))}) cannot be evaluated together"
+        )
     config = runs[0].config
     if data_dir is not None:
         config = config.replace(data_dir=data_dir)
@@ -118,21 +120,36 @@ def evaluate_runs(workdirs: list[str | Path], which: str | int = "best", *,
     for run in runs:
         logits = run.predict_logits(arrays.test_images)
         probabilities.append(softmax(logits))
-        members.append({"workdir": str(run.workdir), "step": run.meta["step"], "model": run.config.model,
-                        **classification_metrics(logits, arrays.test_labels, num_classes)})
+        members.append(
+            {
+                "workdir": str(run.workdir),
+                "step": run.meta["step"],
+                "model": run.config.model,
+                **classification_metrics(logits, arrays.test_labels, num_classes),
+            }
+        )
     ensemble = None
     if len(runs) > 1:
-        ensemble = classification_metrics(np.log(np.mean(probabilities, axis=0) + 1e-12),
-                                          arrays.test_labels, num_classes)
-    return {"dataset": config.dataset, "class_names": list(runs[0].setup.info.class_names),
-            "members": members, "ensemble": ensemble}
+        ensemble = classification_metrics(
+            np.log(np.mean(probabilities, axis=0) + 1e-12), arrays.test_labels, num_classes
+        )
+    return {
+        "dataset": config.dataset,
+        "class_names": list(runs[0].setup.info.class_names),
+        "members": members,
+        "ensemble": ensemble,
+    }
 
 
 def format_metrics(name: str, metrics: dict[str, Any], class_names: list[str]) -> str:
     """A human-readable block: loss, accuracy, per-class accuracy, confusion matrix."""
     lines = [f"{name}: test loss {metrics['loss']:.4f}, test accuracy {100 * metrics['accuracy']:.2f}%"]
-    lines.append("per-class accuracy: " + "  ".join(
-        f"{c}: {100 * a:.1f}%" for c, a in zip(class_names, metrics["per_class_accuracy"], strict=True)))
+    lines.append(
+        "per-class accuracy: "
+        + "  ".join(
+            f"{c}: {100 * a:.1f}%" for c, a in zip(class_names, metrics["per_class_accuracy"], strict=True)
+        )
+    )
     width = max(5, *(len(c) for c in class_names))
     lines.append("confusion matrix (rows: true, columns: predicted):")
     lines.append(" " * width + "".join(f"{c[:width]:>{width + 1}}" for c in class_names))

@@ -54,7 +54,7 @@ def to_mnist_form(gray: np.ndarray, *, name: str = "image") -> np.ndarray:
     img = img / img.max()
 
     rows, cols = np.nonzero(img >= INK_THRESHOLD)
-    img = img[rows.min(): rows.max() + 1, cols.min(): cols.max() + 1]
+    img = img[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
     h, w = img.shape
     scale = 20.0 / max(h, w)
     new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
@@ -63,7 +63,7 @@ def to_mnist_form(gray: np.ndarray, *, name: str = "image") -> np.ndarray:
 
     canvas = np.zeros((28, 28), np.float32)
     top, left = (28 - new_h) // 2, (28 - new_w) // 2
-    canvas[top: top + new_h, left: left + new_w] = digit
+    canvas[top : top + new_h, left : left + new_w] = digit
     # Shift so the centre of mass lands at the centre, as MNIST's creators did.
     total = canvas.sum()
     ys, xs = np.indices(canvas.shape)
@@ -111,8 +111,9 @@ def load_inputs(path: Path) -> list[tuple[str, np.ndarray]]:
         raise ImageError(f"{name}: damaged image file ({e})") from None
 
 
-def predict_files(workdir: str | Path, paths: list[str | Path], *, which: str | int = "best",
-                  top: int = 1, warn=print) -> tuple[list[dict[str, Any]], list[str]]:
+def predict_files(
+    workdir: str | Path, paths: list[str | Path], *, which: str | int = "best", top: int = 1, warn=print
+) -> tuple[list[dict[str, Any]], list[str]]:
     """Predicts the class of every image in ``paths`` with the model of run ``workdir``.
 
     Returns:
@@ -137,8 +138,13 @@ def predict_files(workdir: str | Path, paths: list[str | Path], *, which: str | 
         probabilities = softmax(run.predict_logits(np.stack(images)))
         for name, p in zip(names, probabilities, strict=True):
             best = np.argsort(-p)[:top]
-            predictions.append({
-                "input": name, "prediction": int(best[0]), "label": class_names[best[0]],
-                "probability": float(p[best[0]]),
-                "top": [[class_names[i], float(p[i])] for i in best]})
+            predictions.append(
+                {
+                    "input": name,
+                    "prediction": int(best[0]),
+                    "label": class_names[best[0]],
+                    "probability": float(p[best[0]]),
+                    "top": [[class_names[i], float(p[i])] for i in best],
+                }
+            )
     return predictions, errors

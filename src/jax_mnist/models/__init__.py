@@ -32,7 +32,9 @@ MODELS: dict[str, ModelEntry] = {
     "lenet5": ModelEntry(LeNet5, "LeNet-5 with ReLU and max-pool: conv 6, 16 (5x5), dense 120, 84"),
     "mlp": ModelEntry(MLP, "multilayer perceptron: --depth x dense --width (2 x 512)"),
     "vgg": ModelEntry(VGG, "VGG-style, batch norm: 3 stages of --depth 3x3 convs (32, 64, 128)"),
-    "resnet": ModelEntry(ResNet, "pre-activation ResNet, batch norm: 3 stages of --depth blocks (16, 32, 64)"),
+    "resnet": ModelEntry(
+        ResNet, "pre-activation ResNet, batch norm: 3 stages of --depth blocks (16, 32, 64)"
+    ),
 }
 
 

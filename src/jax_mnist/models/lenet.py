@@ -13,8 +13,9 @@ class LeNet5(nnx.Module):
     ``width`` sets the first layer's channels (6 by default; the second has 16/6 as many).
     """
 
-    def __init__(self, *, num_classes: int, dropout: float, width: int, depth: int,
-                 dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(
+        self, *, num_classes: int, dropout: float, width: int, depth: int, dtype: jnp.dtype, rngs: nnx.Rngs
+    ):
         c1 = width or 6
         c2 = round(c1 * 16 / 6)
         self.conv1 = nnx.Conv(1, c1, (5, 5), padding="SAME", dtype=dtype, rngs=rngs)
@@ -24,8 +25,9 @@ class LeNet5(nnx.Module):
         self.dropout = nnx.Dropout(dropout)
         self.head = nnx.Linear(84, num_classes, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, *, train: bool = False,
-                 dropout_key: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, *, train: bool = False, dropout_key: jax.Array | None = None
+    ) -> jax.Array:
         """Maps images ``[B, 28, 28, 1]`` to logits ``[B, num_classes]``."""
         x = nnx.max_pool(nnx.relu(self.conv1(x)), (2, 2), strides=(2, 2))  # 14x14
         x = nnx.max_pool(nnx.relu(self.conv2(x)), (2, 2), strides=(2, 2))  # 5x5

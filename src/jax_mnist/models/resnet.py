@@ -15,8 +15,11 @@ class Block(nnx.Module):
         self.conv1 = nnx.Conv(cin, cout, (3, 3), strides=stride, use_bias=False, dtype=dtype, rngs=rngs)
         self.norm2 = nnx.BatchNorm(cout, momentum=0.9, dtype=dtype, rngs=rngs)
         self.conv2 = nnx.Conv(cout, cout, (3, 3), use_bias=False, dtype=dtype, rngs=rngs)
-        self.project = (nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, dtype=dtype, rngs=rngs)
-                        if stride != 1 or cin != cout else None)
+        self.project = (
+            nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, dtype=dtype, rngs=rngs)
+            if stride != 1 or cin != cout
+            else None
+        )
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         h = nnx.relu(self.norm1(x, use_running_average=not train))
@@ -32,8 +35,9 @@ class ResNet(nnx.Module):
     Defaults: width 16, depth 1 (a ResNet-8).
     """
 
-    def __init__(self, *, num_classes: int, dropout: float, width: int, depth: int,
-                 dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(
+        self, *, num_classes: int, dropout: float, width: int, depth: int, dtype: jnp.dtype, rngs: nnx.Rngs
+    ):
         width, depth = width or 16, depth or 1
         self.stem = nnx.Conv(1, width, (3, 3), use_bias=False, dtype=dtype, rngs=rngs)
         blocks, cin = [], width
@@ -47,8 +51,9 @@ class ResNet(nnx.Module):
         self.dropout = nnx.Dropout(dropout)
         self.head = nnx.Linear(cin, num_classes, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, *, train: bool = False,
-                 dropout_key: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, *, train: bool = False, dropout_key: jax.Array | None = None
+    ) -> jax.Array:
         """Maps images ``[B, 28, 28, 1]`` to logits ``[B, num_classes]``."""
         x = self.stem(x)
         for block in self.blocks:

@@ -29,21 +29,26 @@ class ConvBN(nnx.Module):
 class VGG(nnx.Module):
     """Stages of ``depth`` ConvBN blocks with ``width``, 2x, 4x channels (defaults 32, 2)."""
 
-    def __init__(self, *, num_classes: int, dropout: float, width: int, depth: int,
-                 dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(
+        self, *, num_classes: int, dropout: float, width: int, depth: int, dtype: jnp.dtype, rngs: nnx.Rngs
+    ):
         width, depth = width or 32, depth or 2
         blocks, cin = [], 1
         for stage in range(3):
             cout = width * 2**stage
-            blocks.append(nnx.List([ConvBN(cin if i == 0 else cout, cout, dtype=dtype, rngs=rngs)
-                                    for i in range(depth)]))
+            blocks.append(
+                nnx.List(
+                    [ConvBN(cin if i == 0 else cout, cout, dtype=dtype, rngs=rngs) for i in range(depth)]
+                )
+            )
             cin = cout
         self.stages = nnx.List(blocks)
         self.dropout = nnx.Dropout(dropout)
         self.head = nnx.Linear(cin, num_classes, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, *, train: bool = False,
-                 dropout_key: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, *, train: bool = False, dropout_key: jax.Array | None = None
+    ) -> jax.Array:
         """Maps images ``[B, 28, 28, 1]`` to logits ``[B, num_classes]``."""
         for i, stage in enumerate(self.stages):
             if i:
