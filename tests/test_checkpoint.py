@@ -48,7 +48,7 @@ def test_stop_and_resume_equals_straight_run_bit_for_bit(tmp_path):
     train_and_evaluate(tiny_config(epochs=1), tmp_path / "resumed")
     resumed = train_and_evaluate(tiny_config(epochs=3), tmp_path / "resumed", resume=True)
     # The resumed run also keeps the test record of its first, 1-epoch part.
-    first_part_test = [r for r in records(tmp_path / "resumed") if r["kind"] == "test"][0]
+    first_part_test = next(r for r in records(tmp_path / "resumed") if r["kind"] == "test")
     assert first_part_test["step"] == 16
     assert records(tmp_path / "straight") == [
         r for r in records(tmp_path / "resumed") if r != first_part_test
@@ -157,7 +157,7 @@ def test_signal_mid_epoch_saves_and_resume_loses_nothing(tmp_path, signum):
                 if seen == 3:
                     break
         proc.send_signal(signum)
-        out, err = proc.communicate(timeout=300)
+        _out, err = proc.communicate(timeout=300)
     finally:
         proc.kill()
     assert proc.returncode == 128 + signum, err

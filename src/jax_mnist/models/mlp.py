@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -16,7 +18,7 @@ class MLP(nnx.Module):
         width, depth = width or 512, depth or 2
         sizes = [28 * 28] + [width] * depth
         self.hidden = nnx.List(
-            [nnx.Linear(a, b, dtype=dtype, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+            [nnx.Linear(a, b, dtype=dtype, rngs=rngs) for a, b in itertools.pairwise(sizes)]
         )
         self.dropout = nnx.Dropout(dropout)
         self.head = nnx.Linear(width, num_classes, dtype=dtype, rngs=rngs)
