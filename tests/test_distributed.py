@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -44,8 +45,18 @@ def child_env(**extra: str) -> dict[str, str]:
     return {**env, "PYTHONUNBUFFERED": "1", **extra}
 
 
-def run_pair(workdir: Path, dump_dir: Path, *flags: str, timeout: float = 240) -> list[str]:
-    """Runs ``jax-mnist train`` as processes 0 and 1 of one run; returns their outputs."""
+def run_pair(
+    workdir: Path,
+    dump_dir: Path,
+    *flags: str,
+    timeout: float = 240,
+    expect_exit: int = 0,
+    while_running=None,
+) -> list[str]:
+    """Runs ``jax-mnist train`` as processes 0 and 1 of one run; returns their outputs.
+
+    ``while_running(procs, logs, deadline)``, if given, is called once both have started.
+    """
     port = free_port()
     dump_dir.mkdir(parents=True, exist_ok=True)
     logs = [dump_dir / f"process-{i}.log" for i in range(2)]
@@ -60,6 +71,8 @@ def run_pair(workdir: Path, dump_dir: Path, *flags: str, timeout: float = 240) -
                     subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=child_env(), cwd=REPO)
                 )
         deadline = time.monotonic() + timeout
+        if while_running is not None:
+            while_running(procs, logs, deadline)
         for p in procs:
             p.wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:
@@ -69,7 +82,7 @@ def run_pair(workdir: Path, dump_dir: Path, *flags: str, timeout: float = 240) -
                 p.wait()
     outputs = [log.read_text() for log in logs]
     for i, (p, out) in enumerate(zip(procs, outputs, strict=True)):
-        assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{out}"
+        assert p.returncode == expect_exit, f"process {i} exited with {p.returncode}:\n{out}"
     return outputs
 
 
@@ -180,6 +193,29 @@ def test_two_processes_resume_a_single_process_checkpoint(reference, tmp_path):
     params0, params1 = dumped_params(dumps, 0, 32), dumped_params(dumps, 1, 32)
     assert all(np.array_equal(a, b) for a, b in zip(params0, params1, strict=True))
     assert_close_weights(params0, flat_params(checkpoint_params(config, ref_dir, 32)))
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_stops_both_after_the_same_step(tmp_path):
+    def signal_process_1_during_epoch_2(procs, logs, deadline):
+        while "Epoch 2, Loss" not in logs[0].read_text():
+            assert time.monotonic() < deadline and procs[0].poll() is None, logs[0].read_text()
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)
+
+    run_dir = tmp_path / "run"
+    flags = ["--epochs", "20", "--log-every", "2"]
+    outputs = run_pair(
+        run_dir,
+        tmp_path / "dumps",
+        *flags,
+        expect_exit=128 + signal.SIGTERM,
+        while_running=signal_process_1_during_epoch_2,
+    )
+    lines = [out.strip().splitlines()[-1] for out in outputs]
+    step = int(re.search(r"SIGTERM at step (\d+)", lines[0]).group(1))
+    assert 16 < step < 320 and lines[0] == lines[1], lines
+    assert step in Checkpoints(run_dir).steps()
 
 
 # -- joining fails clearly, in bounded time ------------------------------------------------------
