@@ -1,9 +1,10 @@
 """``train_and_evaluate(config, workdir)``: the training loop, from data to test accuracy.
 
-The loop runs on the device in chunks: one jitted call runs up to ``log_every`` steps with
-``lax.fori_loop`` over batches sliced from the dataset already on the device. Between chunks
-the host logs, evaluates at epoch ends, saves checkpoints and notices Ctrl-C; inside a chunk
-nothing waits on Python.
+The loop runs on the device in chunks of up to ``log_every`` steps: the host queues jitted
+calls of ``steps_per_call`` steps each, every step slicing its batch from the dataset already
+on the device, and waits only at the chunk's end, when it reads the summed loss. Between
+chunks the host logs, evaluates at epoch ends, saves checkpoints and notices Ctrl-C; inside a
+chunk nothing waits on Python.
 """
 
 from __future__ import annotations
