@@ -17,6 +17,7 @@ from flax import nnx, struct
 from jax import lax
 
 from jax_mnist.augment import AugmentSettings, augment
+from jax_mnist.models import fastconv
 
 PyTree = Any
 
@@ -170,9 +171,11 @@ def train_chunk(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """Runs ``num_steps`` training steps in one device call, batches sliced on the device.
 
-    The steps are unrolled rather than looped: XLA:CPU runs convolutions inside a while loop
-    about ten times slower than the same convolutions at the top level (see the README's
-    performance section), so a chunk is a straight line of steps.
+    The steps run in a ``lax.scan`` (compiled once, buffers reused from step to step) when
+    the step loops well on the backend: on XLA:CPU, a convolution gradient that is not in the
+    canonical layout runs 6 to 60 times slower inside a while loop than at the top level, so
+    models whose gradients are not all canonical (see ``models/fastconv.py``) get a straight
+    line of unrolled steps instead (see the README's performance section).
 
     Args:
       state: the training state; ``state.step % steps_per_epoch`` is the position in the epoch.
@@ -184,15 +187,20 @@ def train_chunk(
     Returns:
       The new state and the chunk's summed loss, correct count and example count.
     """
-    sums = zero_sums()
-    for _ in range(num_steps):
+
+    def one_step(carry, _):
+        state, sums = carry
         start = (state.step % steps_per_epoch) * batch_size
         index = lax.dynamic_slice_in_dim(order, start, batch_size)
         if settings.batch_sharding is not None:
             # Each device gathers only its shard of the batch from its copy of the data.
             index = lax.with_sharding_constraint(index, settings.batch_sharding)
         state, step_sums = train_step(state, images[index], labels[index], settings)
-        sums = jax.tree.map(jnp.add, sums, step_sums)
+        return (state, jax.tree.map(jnp.add, sums, step_sums)), None
+
+    carry = (state, zero_sums())
+    loop = num_steps > 1 and fastconv.loops_well(jax.make_jaxpr(one_step)(carry, None))
+    (state, sums), _ = lax.scan(one_step, carry, None, length=num_steps, unroll=1 if loop else True)
     return state, sums
 
 

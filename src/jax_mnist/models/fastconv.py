@@ -106,7 +106,7 @@ def conv_general_dilated(
     )
     if not fast:
         kwargs = {"out_sharding": out_sharding} if out_sharding is not None else {}
-        return lax.conv_general_dilated(
+        return lax.conv_general_dilated(  # type: ignore[call-arg]
             lhs,
             rhs,
             window_strides,
@@ -118,8 +118,54 @@ def conv_general_dilated(
             batch_group_count=batch_group_count,
             precision=precision,
             preferred_element_type=preferred_element_type,
+            **kwargs,
         )
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
     return _conv(lhs, rhs, padding, precision)
+
+
+def _canonical_conv(params) -> bool:
+    dn = params["dimension_numbers"]
+    canonical = lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), _NHWC)
+    return (
+        dn == canonical
+        and params["feature_group_count"] == 1
+        and params["batch_group_count"] == 1
+        and _trivial(params["lhs_dilation"])
+        and _trivial(params["rhs_dilation"])
+    )
+
+
+def loops_well(jaxpr) -> bool:
+    """Whether XLA:CPU runs ``jaxpr`` about as fast inside a ``while`` loop as outside.
+
+    True when every convolution in it (gradients included) is in the canonical layout and
+    there is no max-pool gradient (``select_and_scatter_add``, not measured in loops), or
+    when the backend is not the CPU. ``jaxpr`` is a ``ClosedJaxpr`` of the loop body.
+    """
+    if jax.default_backend() != "cpu":
+        return True
+
+    def inner_jaxprs(value):
+        if isinstance(value, (tuple, list)):
+            for v in value:
+                yield from inner_jaxprs(v)
+        elif hasattr(value, "eqns"):
+            yield value
+        elif hasattr(getattr(value, "jaxpr", None), "eqns"):
+            yield value.jaxpr
+
+    def ok(jaxpr) -> bool:
+        for eqn in jaxpr.eqns:
+            name = eqn.primitive.name
+            if name == "conv_general_dilated" and not _canonical_conv(eqn.params):
+                return False
+            if name == "select_and_scatter_add":
+                return False
+            if not all(ok(sub) for value in eqn.params.values() for sub in inner_jaxprs(value)):
+                return False
+        return True
+
+    return ok(jaxpr.jaxpr)
