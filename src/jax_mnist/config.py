@@ -360,10 +360,11 @@ def seed() -> Config:
 
 
 def fast() -> Config:
-    """The least wall time to 99% test accuracy on a CPU: the seed CNN, 2 epochs, one-cycle."""
-    # The one-cycle schedule reaches in 2 epochs what a constant 1e-3 reaches in 4-5; the
-    # whole training set is used since there is nothing to select on a validation split.
-    return Config(epochs=2, schedule="onecycle", lr=3e-3, val_size=0)
+    """The least wall time to 99% test accuracy on a CPU: the seed CNN, 3 epochs, one-cycle."""
+    # One-cycle to 3e-3 reaches 99.04% validation accuracy in 3 epochs (2 epochs: 98.62%),
+    # where a constant 1e-3 needs 5 epochs for 98.88%. The whole training set is used since
+    # there is nothing to select on a validation split.
+    return Config(epochs=3, schedule="onecycle", lr=3e-3, val_size=0)
 
 
 def best() -> Config:
