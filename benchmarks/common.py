@@ -1,0 +1,145 @@
+"""Shared pieces of the benchmarks: the machine's FP32 peak, the seed CNN's FLOPs, the
+jax-mnist side (the product's own jitted step and predict functions) and timing helpers.
+
+The PyTorch side lives in ``torch_reference.py``; it is optional (``pip install -e '.[bench]'``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable
+
+# -- the machine
+
+
+@dataclasses.dataclass(frozen=True)
+class Machine:
+    cores: int
+    model: str
+    clock_ghz: float
+    flop_per_cycle: int  # FP32 FLOP per cycle per core
+    isa: str
+
+    @property
+    def peak_gflops(self) -> float:
+        return self.cores * self.flop_per_cycle * self.clock_ghz
+
+    def describe(self) -> str:
+        return (
+            f"{self.model}: {self.cores} cores x {self.flop_per_cycle} FP32 FLOP/cycle ({self.isa}) "
+            f"x {self.clock_ghz:.2f} GHz = {self.peak_gflops:.1f} GFLOP/s FP32 peak"
+        )
+
+
+def machine() -> Machine:
+    """Cores (those this process may use), clock and vector width, read from /proc/cpuinfo.
+
+    FLOP per cycle assumes two FMA pipes per core, as on every x86 core with AVX2 since
+    Haswell and Zen 2: AVX-512 -> 2 x 16 lanes x 2 = 64, AVX2+FMA -> 2 x 8 x 2 = 32,
+    otherwise SSE -> 2 x 4 x 2 = 16 (an upper bound for older cores).
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    model, mhz, flags = platform.processor() or platform.machine(), [], set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key == "model name":
+            model = value
+        elif key == "cpu MHz":
+            mhz.append(float(value))
+        elif key == "flags" and not flags:
+            flags = set(value.split())
+    clock = max(mhz) / 1000 if mhz else 0.0
+    match = re.search(r"@ ([\d.]+)GHz", model)  # Intel names carry the base clock
+    if match and not clock:
+        clock = float(match.group(1))
+    if "avx512f" in flags:
+        fpc, isa = 64, "AVX-512"
+    elif "avx2" in flags and "fma" in flags:
+        fpc, isa = 32, "AVX2+FMA"
+    else:
+        fpc, isa = 16, "SSE"
+    return Machine(cores, model, clock, fpc, isa)
+
+
+# -- the model's FLOPs
+
+
+def seed_cnn_flops_per_image(width: int = 32, num_classes: int = 10) -> dict[str, float]:
+    """FLOPs (multiply-add = 2) of the seed CNN for one 28x28 image.
+
+    Forward: conv1 28x28x(9x1)->32, conv2 14x14x(9x32)->64, dense 3136->256, dense 256->10.
+    Training adds two products of the same size per layer (input and weight gradients),
+    except the first convolution, whose input gradient nobody needs. Bias adds, ReLU,
+    pooling, softmax and the optimizer are left out (they are below 1% of the total).
+    """
+    c1, c2 = width, 2 * width
+    conv1 = 2 * 28 * 28 * c1 * 9 * 1
+    conv2 = 2 * 14 * 14 * c2 * 9 * c1
+    dense1 = 2 * 7 * 7 * c2 * 256
+    dense2 = 2 * 256 * num_classes
+    forward = conv1 + conv2 + dense1 + dense2
+    train = forward + conv1 + 2 * (conv2 + dense1 + dense2)
+    return {"forward": float(forward), "train": float(train)}
+
+
+# -- timing
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds that ``fn()`` takes; ``fn`` must wait for its own results."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def alternate(contenders: dict[str, Callable[[], float]], rounds: int, report) -> dict[str, list[float]]:
+    """Runs each contender once per round, in turn, ``rounds`` times; each returns images/s.
+
+    Alternating spreads the machine's noise (other processes, frequency changes) over all
+    contenders alike, so their ratio is steadier than either figure.
+    """
+    results: dict[str, list[float]] = {name: [] for name in contenders}
+    for r in range(rounds):
+        order = list(contenders) if r % 2 == 0 else list(reversed(contenders))
+        for name in order:
+            value = contenders[name]()
+            results[name].append(value)
+            report(f"  round {r + 1}: {name:28s} {value:8.0f} images/s")
+    return results
+
+
+def load_avg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().split()[0]
+    except OSError:
+        return "?"
+
+
+def torch_or_none():
+    """The torch module, or None with the reason printed once."""
+    try:
+        import torch
+    except ImportError:
+        print(
+            "PyTorch is not installed: only jax-mnist's figures are measured. "
+            "Install the benchmark extra for the side-by-side run: pip install -e '.[bench]' "
+            "(torch==2.13.0, the CPU build)."
+        )
+        return None
+    return torch

@@ -1,0 +1,164 @@
+"""The seed CNN in plain PyTorch, for side-by-side benchmarks (needs the ``bench`` extra).
+
+Same network (Conv32-ReLU-AvgPool-Conv64-ReLU-AvgPool-Dense256-ReLU-Dropout-Dense10, 3x3
+convolutions padded to keep the size), same loss (softmax cross-entropy), same optimizer
+(Adam, 1e-3 unless told), same batch and the same input pipeline as jax-mnist: the uint8
+training set in memory, a random permutation per epoch, each batch gathered, scaled to
+[0, 1] and normalized with MNIST's mean and standard deviation.
+
+Run directly, it trains to a test accuracy and prints the wall time (used by
+``time_to_accuracy.py``):
+
+    python benchmarks/torch_reference.py --epochs 3 --lr 2e-3 --schedule onecycle --target 0.99
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+T_START = time.perf_counter()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+MEAN, STD = 0.1307, 0.3081
+
+
+class SeedCNN(nn.Module):
+    def __init__(self, width: int = 32, num_classes: int = 10, dropout: float = 0.5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.dense1 = nn.Linear(7 * 7 * 2 * width, 256)
+        self.dense2 = nn.Linear(256, num_classes)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        x = F.avg_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.avg_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.relu(self.dense1(x.flatten(1)))
+        return self.dense2(self.dropout(x))
+
+
+def setup_threads() -> int:
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(threads)
+    return threads
+
+
+class Trainer:
+    """One model, its optimizer and the data; ``steps(n)`` trains ``n`` batches."""
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        *,
+        batch_size: int = 128,
+        lr: float = 1e-3,
+        channels_last: bool = False,
+        seed: int = 0,
+        total_steps: int = 0,
+        schedule: str = "constant",
+    ):
+        torch.manual_seed(seed)
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1)  # uint8 [N, 1, 28, 28]
+        self.labels = torch.from_numpy(labels.astype(np.int64))
+        self.batch_size = batch_size
+        self.channels_last = channels_last
+        self.model = SeedCNN()
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=lr)
+        self.sched = None
+        if schedule == "onecycle":
+            self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=lr, total_steps=total_steps)
+        self.steps_per_epoch = len(self.labels) // batch_size
+        self.position = 0
+        self.perm = torch.randperm(len(self.labels))
+
+    def batch(self, index):
+        x = (self.images[index].float() / 255.0 - MEAN) / STD
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def steps(self, n: int) -> float:
+        """Trains ``n`` steps; returns the last loss (a float, so the work is done)."""
+        self.model.train()
+        loss = None
+        for _ in range(n):
+            if self.position == self.steps_per_epoch:
+                self.position, self.perm = 0, torch.randperm(len(self.labels))
+            start = self.position * self.batch_size
+            index = self.perm[start : start + self.batch_size]
+            self.position += 1
+            loss = F.cross_entropy(self.model(self.batch(index)), self.labels[index])
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            if self.sched is not None:
+                self.sched.step()
+        return float(loss.detach())
+
+    @torch.inference_mode()
+    def predict(self, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+        self.model.eval()
+        data = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1)
+        out = []
+        for i in range(0, len(data), batch_size):
+            x = (data[i : i + batch_size].float() / 255.0 - MEAN) / STD
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            out.append(self.model(x))
+        return torch.cat(out).numpy()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=5, help="most epochs to train")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--schedule", choices=("constant", "onecycle"), default="constant")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--target", type=float, default=0.99, help="stop at this test accuracy")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    from jax_mnist.config import Config
+    from jax_mnist.data import load_dataset
+
+    threads = setup_threads()
+    data = load_dataset(Config())
+    steps_per_epoch = len(data.train_labels) // args.batch_size
+    trainer = Trainer(
+        data.train_images,
+        data.train_labels,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        channels_last=args.channels_last,
+        seed=args.seed,
+        total_steps=args.epochs * steps_per_epoch,
+        schedule=args.schedule,
+    )
+    accuracy = 0.0
+    for epoch in range(1, args.epochs + 1):
+        trainer.steps(steps_per_epoch)
+        logits = trainer.predict(data.test_images)
+        accuracy = float(np.mean(logits.argmax(-1) == data.test_labels))
+        elapsed = time.perf_counter() - T_START
+        print(f"epoch {epoch}: test accuracy {accuracy:.4f}, {elapsed:.1f}s since start ({threads} threads)")
+        if accuracy >= args.target:
+            print(f"RESULT reached {accuracy:.4f} after {epoch} epochs in {elapsed:.1f}s")
+            return 0
+    print(f"RESULT did not reach {args.target} in {args.epochs} epochs (last {accuracy:.4f})")
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
