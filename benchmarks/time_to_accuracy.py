@@ -2,7 +2,7 @@
 
     python benchmarks/time_to_accuracy.py                 # one round each
     python benchmarks/time_to_accuracy.py --rounds 3 --jax-args "--preset fast" \\
-        --torch-args "--epochs 3 --lr 3e-3 --schedule onecycle --channels-last"
+        --torch-args "--epochs 3 --lr 3e-3 --schedule onecycle"
 
 Each side is a fresh process timed from launch to exit, so start-up, data loading and
 compilation count. jax-mnist trains with the given arguments and its final test accuracy is
@@ -27,7 +27,7 @@ sys.path.insert(0, str(HERE))
 
 import common  # noqa: E402
 
-TORCH_BEST = "--epochs 4 --lr 3e-3 --schedule onecycle --channels-last"
+TORCH_BEST = "--epochs 3 --lr 3e-3 --schedule onecycle --channels-last"
 
 
 def run_jax(jax_args: list[str]) -> tuple[float, float | None]:
