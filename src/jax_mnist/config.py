@@ -177,8 +177,9 @@ class Config:
         group="devices",
     )
     steps_per_call: int = option(
-        1,
-        "training steps unrolled into one device call; more steps cost compile time and may run faster",
+        4,
+        "training steps per device call, looped on the device (unrolled for models that loop "
+        "slowly on XLA:CPU); more amortize the call, the rest of a chunk runs one step per call",
         min=1,
         max=1000,
         group="devices",
