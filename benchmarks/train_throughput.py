@@ -38,6 +38,7 @@ def jax_contender(args):
     from jax_mnist import steps, train
     from jax_mnist.config import Config
     from jax_mnist.data import load_dataset
+    from jax_mnist.models import fastconv
     from jax_mnist.parallel import replicate, to_host
 
     config = Config(dtype=args.dtype, val_size=0, batch_size=args.batch_size)
@@ -58,6 +59,7 @@ def jax_contender(args):
         ),
         static_argnames="num_steps",
         donate_argnums=0,
+        compiler_options=fastconv.training_compiler_options(),  # as train.py does
     )
     order_fn = jax.jit(functools.partial(steps.epoch_order, num_examples=len(data.train_images)))
     box = {"state": state, "order": order_fn(state.data_key, 0)}

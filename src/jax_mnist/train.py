@@ -34,7 +34,7 @@ from jax_mnist.data.datasets import DATASETS, DatasetInfo, split_validation
 from jax_mnist.errors import UserError
 from jax_mnist.evaluate import classification_metrics
 from jax_mnist.logs import RunLogger
-from jax_mnist.models import create_model
+from jax_mnist.models import create_model, fastconv
 from jax_mnist.optim import create_optimizer
 from jax_mnist.parallel import (
     agree_on_signal,
@@ -268,6 +268,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
         ),
         static_argnames="num_steps",
         donate_argnums=0,
+        compiler_options=fastconv.training_compiler_options(),  # YNNPACK off on CPU: see there
     )
     order_fn = jax.jit(
         functools.partial(steps.epoch_order, num_examples=len(train_x)), out_shardings=replicate(setup.mesh)
