@@ -26,7 +26,7 @@ def option(
     min: float | None = None,
     max: float | None = None,
     choices: tuple[str, ...] | None = None,
-    group: str = "training",
+    group: str = "optimization",
     min_exclusive: bool = False,
 ) -> Any:
     """A config field with the metadata the CLI and :meth:`Config.validate` read."""
