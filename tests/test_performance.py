@@ -151,3 +151,16 @@ def test_bfloat16_trains_with_float32_master_weights():
         losses.append(float(sums["loss"] / sums["count"]))
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))
     assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0], losses
+
+
+def test_training_compiler_options_leave_a_users_xla_flags_alone(monkeypatch):
+    fastconv.training_compiler_options.cache_clear()
+    try:
+        monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=individual_dot")
+        assert fastconv.training_compiler_options() == {}
+        fastconv.training_compiler_options.cache_clear()
+        monkeypatch.delenv("XLA_FLAGS")
+        expected = {"xla_cpu_experimental_ynn_fusion_type": ""} if jax.default_backend() == "cpu" else {}
+        assert fastconv.training_compiler_options() in (expected, {})
+    finally:
+        fastconv.training_compiler_options.cache_clear()
