@@ -38,7 +38,6 @@ def jax_contender(args):
     from jax_mnist import steps, train
     from jax_mnist.config import Config
     from jax_mnist.data import load_dataset
-    from jax_mnist.models import fastconv
     from jax_mnist.parallel import replicate, to_host
 
     config = Config(dtype=args.dtype, val_size=0, batch_size=args.batch_size)
@@ -50,17 +49,7 @@ def jax_contender(args):
     state = train.create_train_state(setup)
     put = functools.partial(jax.device_put, device=replicate(setup.mesh))
     images, labels = put(data.train_images), put(data.train_labels.astype(np.int32))
-    chunk = jax.jit(
-        functools.partial(
-            steps.train_chunk,
-            settings=setup.settings,
-            batch_size=config.batch_size,
-            steps_per_epoch=steps_per_epoch,
-        ),
-        static_argnames="num_steps",
-        donate_argnums=0,
-        compiler_options=fastconv.training_compiler_options(),  # as train.py does
-    )
+    chunk = train.make_train_chunk_fn(setup, config.batch_size, steps_per_epoch)  # as train.py does
     order_fn = jax.jit(functools.partial(steps.epoch_order, num_examples=len(data.train_images)))
     box = {"state": state, "order": order_fn(state.data_key, 0)}
 

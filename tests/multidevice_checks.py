@@ -7,7 +7,6 @@ tests run on one device. ``test_parallel.py`` runs this file in a child pytest w
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 
@@ -19,11 +18,17 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_mnist import cli, steps
+from jax_mnist import cli
 from jax_mnist.checkpoint import Checkpoints
 from jax_mnist.models import MODELS, ModelEntry
 from jax_mnist.parallel import create_mesh, put_replicated
-from jax_mnist.train import abstract_train_state, create_setup, create_train_state, train_and_evaluate
+from jax_mnist.train import (
+    abstract_train_state,
+    create_setup,
+    create_train_state,
+    make_train_chunk_fn,
+    train_and_evaluate,
+)
 
 if jax.device_count() != 4:
     pytest.skip("needs 4 devices: run through test_parallel.py", allow_module_level=True)
@@ -97,11 +102,7 @@ def test_state_and_data_replicated_batch_sharded_state_donated():
     order = put_replicated(np.arange(1024, dtype=np.int32), setup.mesh)
     assert images.sharding.is_fully_replicated and len(images.addressable_shards) == 4
 
-    train_chunk = jax.jit(
-        functools.partial(steps.train_chunk, settings=setup.settings, batch_size=64, steps_per_epoch=16),
-        static_argnames="num_steps",
-        donate_argnums=0,
-    )
+    train_chunk = make_train_chunk_fn(setup, batch_size=64, steps_per_epoch=16)
     hlo = train_chunk.lower(state, order, images, labels, num_steps=1).compile().as_text()
     # Each device gathers its own 16 of the batch's 64 images from its copy of the dataset...
     assert re.search(r"u8\[16,1,28,28\]\S* gather\(", hlo), "the batch is not gathered per shard"
@@ -156,16 +157,7 @@ def train_steps(config, num_devices, num_steps=8):
     images = put_replicated(rng.integers(0, 256, (n, 28, 28), np.uint8), setup.mesh)
     labels = put_replicated(rng.integers(0, 10, n, np.int32), setup.mesh)
     order = put_replicated(rng.permutation(n).astype(np.int32), setup.mesh)
-    train_chunk = jax.jit(
-        functools.partial(
-            steps.train_chunk,
-            settings=setup.settings,
-            batch_size=config.batch_size,
-            steps_per_epoch=num_steps,
-        ),
-        static_argnames="num_steps",
-        donate_argnums=0,
-    )
+    train_chunk = make_train_chunk_fn(setup, config.batch_size, num_steps)
     state, losses = create_train_state(setup), []
     for _ in range(num_steps):
         state, sums = train_chunk(state, order, images, labels, num_steps=1)

@@ -132,6 +132,23 @@ def eval_params(state: steps.TrainState) -> Any:
     return state.ema_params if state.ema_params else state.params
 
 
+def make_train_chunk_fn(setup: Setup, batch_size: int, steps_per_epoch: int):
+    """The jitted, donating ``steps.train_chunk``:
+    ``(state, order, images, labels, *, num_steps) -> (state, sums)``.
+
+    One compilation per distinct ``num_steps``; on XLA:CPU it is compiled with the options
+    that make training fast (YNNPACK off, see ``models/fastconv.py``).
+    """
+    return jax.jit(
+        functools.partial(
+            steps.train_chunk, settings=setup.settings, batch_size=batch_size, steps_per_epoch=steps_per_epoch
+        ),
+        static_argnames="num_steps",
+        donate_argnums=0,
+        compiler_options=fastconv.training_compiler_options(),
+    )
+
+
 def make_predict_fn(setup: Setup):
     """A function ``(params, model_state, images [N, 28, 28]) -> logits [N, C]`` on the device.
 
@@ -259,17 +276,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     train_images, train_labels = on_device(train_x), on_device(train_y.astype(np.int32))
     val_images, test_images = on_device(val_x), on_device(arrays.test_images)
 
-    train_chunk = jax.jit(
-        functools.partial(
-            steps.train_chunk,
-            settings=setup.settings,
-            batch_size=config.batch_size,
-            steps_per_epoch=steps_per_epoch,
-        ),
-        static_argnames="num_steps",
-        donate_argnums=0,
-        compiler_options=fastconv.training_compiler_options(),  # YNNPACK off on CPU: see there
-    )
+    train_chunk = make_train_chunk_fn(setup, config.batch_size, steps_per_epoch)
     order_fn = jax.jit(
         functools.partial(steps.epoch_order, num_examples=len(train_x)), out_shardings=replicate(setup.mesh)
     )
