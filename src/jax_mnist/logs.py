@@ -65,7 +65,7 @@ class EventWriter:
         # TensorBoard reads files named events.out.tfevents.*, in name order
         name = (
             f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}"
-            f".{os.getpid()}.{next(_event_file_ids)}"
+            f".{os.getpid()}.{next(_event_file_ids):06d}"  # padded: name order is creation order
         )
         self.path = self.logdir / name
         self._writer = RecordWriter(self.path.open("ab"))
