@@ -340,9 +340,11 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
                     record["best_val_accuracy"] = best_val_accuracy
                 logger.log_epoch(record)
 
-            stop.signum = agree_on_signal(stop.signum)  # all processes stop at the same step
+            # One reading of the signal decides both the save and the stop: a signal that lands
+            # in between waits for the next chunk instead of stopping without a checkpoint.
+            signum = agree_on_signal(stop.signum)  # all processes stop at the same step
             save_now = (
-                stop.signum is not None
+                signum is not None
                 or step == total_steps
                 or (epoch_done and (epoch + 1) % config.checkpoint_every == 0)
                 or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
@@ -354,12 +356,12 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
                 checkpoints.save(
                     state, meta, config, val_accuracy=record.get("val_accuracy") if record else None
                 )
-            if stop.signum is not None:
-                name = signal.Signals(stop.signum).name
+            if signum is not None:
+                name = signal.Signals(signum).name
                 raise TrainingInterrupted(
                     f"{name} at step {step} (epoch {step / steps_per_epoch:.2f}); saved a checkpoint "
                     f"in {checkpoints.root}. Resume with: jax-mnist train --workdir {workdir} --resume",
-                    stop.signum,
+                    signum,
                 )
 
     # -- the test set, once, at the end
