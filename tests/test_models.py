@@ -96,3 +96,16 @@ def test_a_batch_norm_model_trains_end_to_end(tmp_path):
     # initial values, so evaluation with them is meaningful.
     final = train.train_and_evaluate(tiny_config(model="resnet", epochs=3, lr=3e-3), tmp_path / "run")
     assert final["test_accuracy"] > 0.6
+
+
+def test_weight_ema_of_a_batch_norm_model_follows_the_weights_early_in_training(tmp_path):
+    # With a fixed decay of 0.999 the average after these 48 steps would still be 95% the
+    # random initial weights, and evaluating it scores at chance level.
+    config = tiny_config(model="resnet", epochs=3, lr=3e-3, ema_decay=0.999)
+    final = train.train_and_evaluate(config, tmp_path / "run")
+    assert final["test_accuracy"] > 0.6
+
+
+def test_ema_decay_ramps_up_to_its_setting():
+    decays = steps.ema_decay_at(jnp.array([0, 10, 1000, 100_000]), 0.999)
+    np.testing.assert_allclose(decays, [0.1, 11 / 20, 1001 / 1010, 0.999], rtol=1e-6)

@@ -95,32 +95,51 @@ def build_parser() -> argparse.ArgumentParser:
     add_distributed_flags(train)
 
     evaluate = sub.add_parser(
-        "evaluate", help="test metrics of trained runs; several runs are also evaluated as an ensemble",
+        "evaluate",
+        help="test metrics of trained runs; several runs are also evaluated as an ensemble",
         description="Print test loss, accuracy, per-class accuracy and the confusion matrix of "
-                    "each run, and of their ensemble (averaged probabilities) when several are given.")
+        "each run, and of their ensemble (averaged probabilities) when several are given.",
+    )
     evaluate.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run directories")
-    evaluate.add_argument("--checkpoint", default="best", metavar="latest|best|STEP",
-                          help="which checkpoint of each run (default: best by validation accuracy)")
+    evaluate.add_argument(
+        "--checkpoint",
+        default="best",
+        metavar="latest|best|STEP",
+        help="which checkpoint of each run (default: best by validation accuracy)",
+    )
     evaluate.add_argument("--data-dir", metavar="DIR", help="read the test set from this folder")
     evaluate.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     predict = sub.add_parser(
-        "predict", help="predict the digit in image files or .npy arrays",
+        "predict",
+        help="predict the digit in image files or .npy arrays",
         description="Predict the class of each input. Images of any size and either polarity are "
-                    "brought to MNIST's form first (grayscale, white on black, fitted in 20x20, "
-                    "centred by centre of mass in 28x28).")
+        "brought to MNIST's form first (grayscale, white on black, fitted in 20x20, "
+        "centred by centre of mass in 28x28).",
+    )
     predict.add_argument("run", type=Path, metavar="RUN", help="run directory")
-    predict.add_argument("inputs", nargs="+", type=Path, metavar="FILE",
-                         help="image files (PNG, JPEG, ...) or .npy arrays [H, W] or [N, H, W]")
-    predict.add_argument("--checkpoint", default="best", metavar="latest|best|STEP",
-                         help="which checkpoint (default: best by validation accuracy)")
+    predict.add_argument(
+        "inputs",
+        nargs="+",
+        type=Path,
+        metavar="FILE",
+        help="image files (PNG, JPEG, ...) or .npy arrays [H, W] or [N, H, W]",
+    )
+    predict.add_argument(
+        "--checkpoint",
+        default="best",
+        metavar="latest|best|STEP",
+        help="which checkpoint (default: best by validation accuracy)",
+    )
     predict.add_argument("--top", type=int, default=1, metavar="K", help="show the K most likely classes")
     predict.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     sub.add_parser("models", help="list the architectures")
     sub.add_parser("presets", help="list the presets and what they set")
     datasets = sub.add_parser("datasets", help="list the datasets, their sizes and whether each is cached")
-    datasets.add_argument("--cache-dir", metavar="DIR", help="the download cache (default: user cache folder)")
+    datasets.add_argument(
+        "--cache-dir", metavar="DIR", help="the download cache (default: user cache folder)"
+    )
     datasets.add_argument(
         "--files", action="store_true", help="list each file to download: URL, size, cache path, SHA-256"
     )
@@ -131,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
         "into the cache, resuming a partial download, and check their SHA-256.",
     )
     download.add_argument("name", metavar="NAME", help="a dataset from `jax-mnist datasets`")
-    download.add_argument("--cache-dir", metavar="DIR", help="the download cache (default: user cache folder)")
+    download.add_argument(
+        "--cache-dir", metavar="DIR", help="the download cache (default: user cache folder)"
+    )
 
     report = sub.add_parser(
         "report",
@@ -207,8 +228,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         raise ConfigError("--top", f"must be at least 1, got {args.top}")
-    predictions, errors = predict_files(args.run, args.inputs, which=_checkpoint_choice(args.checkpoint),
-                                        top=args.top, warn=_warn)
+    predictions, errors = predict_files(
+        args.run, args.inputs, which=_checkpoint_choice(args.checkpoint), top=args.top, warn=_warn
+    )
     if args.json:
         print(json.dumps({"predictions": predictions, "errors": errors}, indent=2))
     else:

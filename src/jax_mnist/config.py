@@ -148,7 +148,8 @@ class Config:
     label_smoothing: float = option(0.0, "label smoothing of the cross-entropy targets", min=0.0, max=0.5)
     ema_decay: float = option(
         0.0,
-        "evaluate an exponential moving average of the weights with this decay (e.g. 0.999); 0 turns it off",
+        "evaluate an exponential moving average of the weights with this decay (e.g. 0.999), ramped up "
+        "from 0.1 over the first steps; 0 turns it off",
         min=0.0,
         max=0.99999,
     )

@@ -119,6 +119,16 @@ def loss_fn(
     return loss, (logits, new_model_state)
 
 
+def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
+    """The weight EMA's decay at ``step``: ``min(decay, (1 + step) / (10 + step))``.
+
+    A fixed decay such as 0.999 would keep most of the random initial weights in the average
+    for thousands of steps; the ramp lets the average follow the weights early in training.
+    """
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
 def train_step(
     state: TrainState, images: jax.Array, labels: jax.Array, settings: StepSettings
 ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -140,7 +150,8 @@ def train_step(
     params = optax.apply_updates(state.params, updates)
     ema_params = state.ema_params
     if settings.ema_decay:
-        ema_params = optax.incremental_update(params, ema_params, 1.0 - settings.ema_decay)
+        decay = ema_decay_at(state.step, settings.ema_decay)
+        ema_params = optax.incremental_update(params, ema_params, 1.0 - decay)
 
     batch = labels.shape[0]
     sums = {
