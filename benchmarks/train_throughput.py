@@ -7,7 +7,7 @@ Both train the same network (batch 128, Adam 1e-3, softmax cross-entropy, dropou
 the bundled MNIST training set, warm (compiled, caches filled), over the same number of
 steps per round, using all the cores this process may run on. jax-mnist runs its own
 training code: ``train.create_setup`` and the jitted, donated ``steps.train_chunk``
-dispatched by ``train._run_steps`` exactly as ``jax-mnist train`` does, reading the loss at
+dispatched by ``train.run_steps`` exactly as ``jax-mnist train`` does, reading the loss at
 the end of each round (as the CLI does at each log point). PyTorch runs an ordinary eager
 loop (batch gathered from the uint8 tensor, forward, backward, ``Adam.step``), in its
 default NCHW layout and in channels-last; the faster of the two is PyTorch's figure.
@@ -58,7 +58,7 @@ def jax_contender(args):
         position = int(to_host(box["state"].step)) % steps_per_epoch
         if position + n > steps_per_epoch:
             box["state"] = box["state"].replace(step=box["state"].step - position)
-        box["state"], sums = train._run_steps(
+        box["state"], sums = train.run_steps(
             chunk, box["state"], n, config.steps_per_call, box["order"], images, labels
         )
         return float(to_host(sums)["loss"])

@@ -190,8 +190,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     stored = None
     if args.resume and not args.workdir:
         raise UserError("--resume: give the run directory to resume with --workdir DIR")
-    if (workdir / "checkpoints").is_dir() and Checkpoints(workdir).steps():
-        stored = Checkpoints(workdir).read_config()
+    if (workdir / "checkpoints").is_dir():
+        checkpoints = Checkpoints(workdir, read_only=True)
+        if checkpoints.steps():
+            stored = checkpoints.read_config()
+        checkpoints.close()
     config = resolve_config(flags, args.config, stored).validate()
     train_and_evaluate(config, workdir, resume=args.resume)
     return 0

@@ -307,7 +307,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
                 chunk_end = min(chunk_end, (step // every + 1) * every - epoch * steps_per_epoch)
             num_steps = chunk_end - position
             t0 = time.perf_counter()
-            state, sums = _run_steps(
+            state, sums = run_steps(
                 train_chunk, state, num_steps, config.steps_per_call, epoch_order, train_images, train_labels
             )
             sums = to_host(sums)  # waits for the chunk: the only sync inside an epoch
@@ -384,9 +384,19 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     return final
 
 
-def _run_steps(train_chunk, state, num_steps: int, steps_per_call: int, *data):
-    """Dispatches ``num_steps`` steps as calls of ``steps_per_call`` steps (and single steps
-    for the rest). Nothing waits here: JAX queues the calls and the host returns at once."""
+def run_steps(train_chunk, state, num_steps: int, steps_per_call: int, *data):
+    """Runs ``num_steps`` training steps as jitted calls of ``steps_per_call`` steps each.
+
+    Args:
+      train_chunk: the jitted chunk from :func:`make_train_chunk_fn`.
+      state: the training state; donated to the first call.
+      num_steps: steps to run; a remainder below ``steps_per_call`` runs as single steps.
+      data: the device-resident training arrays the chunk slices its batches from.
+
+    Returns:
+      ``(state, sums)``: the new state and the summed ``loss``, ``correct`` and ``count``.
+      Nothing here waits on the device: JAX queues the calls and this returns at once.
+    """
     total = None
     while num_steps > 0:
         n = steps_per_call if num_steps >= steps_per_call else 1
