@@ -9,6 +9,7 @@ from PIL import Image, ImageDraw
 
 from jax_mnist.config import Config
 from jax_mnist.data import load_dataset
+from jax_mnist.evaluate import TTA_SHIFTS, shift_images
 from jax_mnist.predict import ImageError, load_inputs, to_mnist_form
 from jax_mnist.train import train_and_evaluate
 
@@ -136,6 +137,33 @@ def test_evaluate_prints_metrics_and_json(trained_run):
     assert "per-class accuracy" in text.stdout and "confusion matrix" in text.stdout
 
 
+def test_evaluate_on_the_validation_split_with_and_without_tta(trained_run):
+    result = run_cli("evaluate", str(trained_run), "--split", "val", "--json")
+    assert result.returncode == 0, result.stderr
+    member = json.loads(result.stdout)["members"][0]
+    assert sum(map(sum, member["confusion"])) == 1000  # the run's --val-size
+    records = [json.loads(x) for x in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    epoch = next(r for r in records if r["kind"] == "epoch")
+    assert member["accuracy"] == epoch["val_accuracy"]  # the same images the run validated on
+
+    result = run_cli("evaluate", str(trained_run), "--split", "val", "--tta", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["tta"] and report["split"] == "val"
+    assert abs(report["members"][0]["accuracy"] - member["accuracy"]) < 0.02
+
+
+def test_shift_images_moves_pixels_and_fills_the_edge_with_zero():
+    image = np.zeros((1, 28, 28), np.uint8)
+    image[0, 0, 5] = 200
+    image[0, 10, 27] = 100
+    down = shift_images(image, 1, 0)
+    assert down[0, 1, 5] == 200 and down[0, 11, 27] == 100 and down.sum() == 300
+    right = shift_images(image, 0, 1)
+    assert right[0, 0, 6] == 200 and right.sum() == 200  # the pixel in the last column left
+    assert (shift_images(image, 0, 0) == image).all() and (0, 0) in TTA_SHIFTS
+
+
 def test_ensemble_of_runs(trained_run, tmp_path):
     other = tmp_path / "other"
     train_and_evaluate(Config(train_size=8192, val_size=1000, epochs=1, seed=1, log_every=64), other)
@@ -145,3 +173,7 @@ def test_ensemble_of_runs(trained_run, tmp_path):
     members = [m["accuracy"] for m in report["members"]]
     assert len(members) == 2
     assert report["ensemble"]["accuracy"] >= min(members)
+    # Seeds 0 and 1 held out different validation images: no shared validation split.
+    result = run_cli("evaluate", str(trained_run), str(other), "--split", "val")
+    assert result.returncode == 1 and "--split val" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -107,6 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="latest|best|STEP",
         help="which checkpoint of each run (default: best by validation accuracy)",
     )
+    evaluate.add_argument(
+        "--split",
+        choices=("test", "val"),
+        default="test",
+        help="evaluate on the test set, or on the validation images the runs held out (default: test)",
+    )
+    evaluate.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time augmentation: average each model over the image and its 1-pixel shifts",
+    )
     evaluate.add_argument("--data-dir", metavar="DIR", help="read the test set from this folder")
     evaluate.add_argument("--json", action="store_true", help="print JSON for scripts")
 
@@ -212,15 +223,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from jax_mnist.evaluate import evaluate_runs, format_metrics
 
     which = _checkpoint_choice(args.checkpoint)
-    result = evaluate_runs(args.runs, which, data_dir=args.data_dir, warn=_warn)
+    result = evaluate_runs(
+        args.runs, which, split=args.split, tta=args.tta, data_dir=args.data_dir, warn=_warn
+    )
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    names = result["class_names"]
+    names, split = result["class_names"], result["split"]
     for member in result["members"]:
-        print(format_metrics(f"{member['workdir']} (step {member['step']})", member, names) + "\n")
+        print(format_metrics(f"{member['workdir']} (step {member['step']})", member, names, split) + "\n")
     if result["ensemble"] is not None:
-        print(format_metrics(f"ensemble of {len(result['members'])}", result["ensemble"], names))
+        print(format_metrics(f"ensemble of {len(result['members'])}", result["ensemble"], names, split))
         for member in result["members"]:
             print(f"  member {member['workdir']}: {100 * member['accuracy']:.2f}%")
     return 0

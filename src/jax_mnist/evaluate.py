@@ -56,12 +56,37 @@ class RestoredRun:
     state: Any  # steps.TrainState
     meta: dict[str, Any]
 
-    def predict_logits(self, images: np.ndarray) -> np.ndarray:
-        """Logits float32 ``[N, C]`` for uint8 or [0, 1] float images ``[N, 28, 28]``."""
+    def predict_logits(self, images: np.ndarray, *, tta: bool = False) -> np.ndarray:
+        """Logits float32 ``[N, C]`` for uint8 or [0, 1] float images ``[N, 28, 28]``.
+
+        With ``tta``, the log of the softmax probabilities averaged over the images and their
+        copies shifted by one pixel in each direction (:data:`TTA_SHIFTS`).
+        """
         from jax_mnist.train import eval_params, make_predict_fn
 
         predict = make_predict_fn(self.setup)
-        return to_host(predict(eval_params(self.state), self.state.model_state, jnp.asarray(images)))
+
+        def logits_of(x: np.ndarray) -> np.ndarray:
+            return to_host(predict(eval_params(self.state), self.state.model_state, jnp.asarray(x)))
+
+        if not tta:
+            return logits_of(images)
+        probabilities = [softmax(logits_of(shift_images(images, dy, dx))) for dy, dx in TTA_SHIFTS]
+        return np.log(np.mean(probabilities, axis=0) + 1e-12).astype(np.float32)
+
+
+# Test-time augmentation: the image itself and one-pixel shifts down, up, right and left.
+TTA_SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
+
+
+def shift_images(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """Images ``[N, H, W]`` moved ``dy`` pixels down and ``dx`` right, the edge filled with 0."""
+    shifted = np.zeros_like(images)
+    h, w = images.shape[1:]
+    shifted[:, max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = images[
+        :, max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
+    ]
+    return shifted
 
 
 def restore_run(workdir: str | Path, which: str | int = "best", *, warn=print) -> RestoredRun:
@@ -93,18 +118,27 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def evaluate_runs(
-    workdirs: list[str | Path], which: str | int = "best", *, data_dir: str | None = None, warn=print
+    workdirs: list[str | Path],
+    which: str | int = "best",
+    *,
+    split: str = "test",
+    tta: bool = False,
+    data_dir: str | None = None,
+    warn=print,
 ) -> dict[str, Any]:
-    """Test metrics of each run and, for several runs, of their ensemble.
+    """Metrics of each run on the test or validation split and, for several runs, of their ensemble.
 
     The ensemble averages the members' softmax probabilities.
 
-    Returns:
-      ``{"members": [{"workdir", "step", **metrics}, ...], "ensemble": metrics or None}``,
-      metrics as in :func:`classification_metrics`.
-    """
-    from jax_mnist.data import load_dataset
+    Args:
+      split: ``test``, or ``val`` for the validation split the runs held out in training
+        (the place to decide on settings such as ``tta``); all runs must share it.
+      tta: average each model's probabilities over one-pixel shifts (:data:`TTA_SHIFTS`).
 
+    Returns:
+      ``{"split", "tta", "members": [{"workdir", "step", **metrics}, ...], "ensemble": metrics
+      or None}``, metrics as in :func:`classification_metrics`.
+    """
     runs = [restore_run(w, which, warn=warn) for w in workdirs]
     datasets = {run.config.dataset for run in runs}
     if len(datasets) > 1:
@@ -114,36 +148,57 @@ def evaluate_runs(
     config = runs[0].config
     if data_dir is not None:
         config = config.replace(data_dir=data_dir)
-    arrays = load_dataset(config)
+    images, labels = _split_arrays(config, runs, split)
     num_classes = runs[0].setup.info.num_classes
     members, probabilities = [], []
     for run in runs:
-        logits = run.predict_logits(arrays.test_images)
+        logits = run.predict_logits(images, tta=tta)
         probabilities.append(softmax(logits))
         members.append(
             {
                 "workdir": str(run.workdir),
                 "step": run.meta["step"],
                 "model": run.config.model,
-                **classification_metrics(logits, arrays.test_labels, num_classes),
+                **classification_metrics(logits, labels, num_classes),
             }
         )
     ensemble = None
     if len(runs) > 1:
-        ensemble = classification_metrics(
-            np.log(np.mean(probabilities, axis=0) + 1e-12), arrays.test_labels, num_classes
-        )
+        ensemble = classification_metrics(np.log(np.mean(probabilities, axis=0) + 1e-12), labels, num_classes)
     return {
         "dataset": config.dataset,
+        "split": split,
+        "tta": tta,
         "class_names": list(runs[0].setup.info.class_names),
         "members": members,
         "ensemble": ensemble,
     }
 
 
-def format_metrics(name: str, metrics: dict[str, Any], class_names: list[str]) -> str:
+def _split_arrays(config: Config, runs: list[RestoredRun], split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The images ``[N, 28, 28]`` and labels ``[N]`` of ``split`` (``test`` or ``val``)."""
+    from jax_mnist.data import load_dataset
+    from jax_mnist.data.datasets import split_validation
+
+    arrays = load_dataset(config)
+    if split == "test":
+        return arrays.test_images, arrays.test_labels
+    holdouts = {(run.config.val_size, run.config.seed) for run in runs}
+    if len(holdouts) > 1:
+        raise UserError(
+            "--split val: these runs held out different validation images (their --seed or "
+            "--val-size differ), so one's validation images trained another; evaluate them with --split test"
+        )
+    val_size, seed = holdouts.pop()
+    if not val_size:
+        raise UserError(f"--split val: {runs[0].workdir} trained without a validation split (--val-size 0)")
+    _, _, val_images, val_labels = split_validation(arrays.train_images, arrays.train_labels, val_size, seed)
+    return val_images, val_labels
+
+
+def format_metrics(name: str, metrics: dict[str, Any], class_names: list[str], split: str = "test") -> str:
     """A human-readable block: loss, accuracy, per-class accuracy, confusion matrix."""
-    lines = [f"{name}: test loss {metrics['loss']:.4f}, test accuracy {100 * metrics['accuracy']:.2f}%"]
+    lines = [f"{name}: {split} loss {metrics['loss']:.4f}, {split} accuracy {100 * metrics['accuracy']:.2f}%"]
     lines.append(
         "per-class accuracy: "
         + "  ".join(
