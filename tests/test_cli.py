@@ -90,3 +90,14 @@ def test_mnist_jax_script_runs_the_seed_pipeline(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "Epoch 1, Loss: " in result.stdout
     assert "Test accuracy: " in result.stdout
+
+
+def test_output_into_a_closed_pipe_stops_quietly():
+    # As `jax-mnist presets | head -0` does: the reader is gone before the first line.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jax_mnist", "presets"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert stderr == ""

@@ -350,13 +350,20 @@ def main(argv: list[str] | None = None) -> int:
     # Orbax logs through absl at WARNING for routine events (opening a run read-only).
     logging.getLogger("absl").setLevel(logging.ERROR)
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # here, so that a closed pipe is noticed below rather than at exit
+        return code
     except UserError as e:
         print(f"jax-mnist: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("jax-mnist: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of our output left early (`jax-mnist runs | head`): stop quietly, and
+        # point stdout at /dev/null so that flushing it at exit raises nothing either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a command killed by it
 
 
 if __name__ == "__main__":
