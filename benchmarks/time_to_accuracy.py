@@ -5,7 +5,10 @@
         --torch-args "--epochs 3 --lr 3e-3 --schedule onecycle"
 
 Each side is a fresh process timed from launch to exit, so start-up, data loading and
-compilation count. jax-mnist trains with the given arguments and its final test accuracy is
+compilation count. PyTorch runs each ``--torch-args`` recipe given (by default the ``fast``
+preset's recipe and the seed-width CNN's 3-epoch one-cycle recipe, both channels-last) and
+its fastest to the target is its figure. Set ``JAX_COMPILATION_CACHE_DIR`` to a fresh folder
+to see jax-mnist with a cold compilation cache in round 1 and a warm one after. jax-mnist trains with the given arguments and its final test accuracy is
 read from ``metrics.jsonl``; the PyTorch reference (``torch_reference.py``) evaluates the
 test set after every epoch and stops at the first epoch at or above the target. A side that
 ends below the target is reported as not reaching it. Rounds alternate.
@@ -27,7 +30,10 @@ sys.path.insert(0, str(HERE))
 
 import common  # noqa: E402
 
-TORCH_BEST = "--epochs 3 --lr 3e-3 --schedule onecycle --channels-last"
+TORCH_RECIPES = (
+    "--width 16 --epochs 4 --lr 3e-3 --schedule onecycle --channels-last",  # as --preset fast
+    "--epochs 3 --lr 3e-3 --schedule onecycle --channels-last",  # the seed width, 3 epochs
+)
 
 
 def run_jax(jax_args: list[str]) -> tuple[float, float | None]:
@@ -62,7 +68,11 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--target", type=float, default=0.99)
     parser.add_argument("--jax-args", default="", help="jax-mnist train arguments; default --preset fast")
-    parser.add_argument("--torch-args", default=TORCH_BEST, help="torch_reference.py arguments")
+    parser.add_argument(
+        "--torch-args",
+        action="append",
+        help=f"torch_reference.py arguments; repeat for several recipes (default: {' and '.join(TORCH_RECIPES)})",
+    )
     args = parser.parse_args(argv)
 
     from jax_mnist.config import PRESETS
@@ -75,14 +85,15 @@ def main(argv=None) -> int:
         jax_args = ["--preset", "fast"]
     torch = common.torch_or_none()
     print(f"machine: {common.machine().describe()}; load average {common.load_avg()}")
+    torch_recipes = (args.torch_args or TORCH_RECIPES) if torch is not None else ()
     rows = []
     for r in range(args.rounds):
         wall, acc = run_jax(jax_args)
         rows.append(("jax-mnist train " + " ".join(jax_args), wall, acc))
         print(f"round {r + 1}: {rows[-1][0]}: {wall:.1f}s, test accuracy {acc}")
-        if torch is not None:
-            wall, acc = run_torch(shlex.split(args.torch_args), args.target)
-            rows.append(("torch_reference.py " + args.torch_args, wall, acc))
+        for recipe in torch_recipes:
+            wall, acc = run_torch(shlex.split(recipe), args.target)
+            rows.append(("torch_reference.py " + recipe, wall, acc))
             print(f"round {r + 1}: {rows[-1][0]}: {wall:.1f}s, test accuracy {acc}")
     print("\nsummary (wall time from launch to exit; compile and start-up included):")
     best = {}
@@ -93,8 +104,10 @@ def main(argv=None) -> int:
         print(
             f"  {name:70s} {wall:7.1f}s  {acc if acc is not None else 'failed'}  {'reached' if ok else 'NOT reached'}"
         )
-    if len(best) == 2:
-        (_, ta), (_, tb) = best.items()
+    jax_best = [t for name, t in best.items() if name.startswith("jax-mnist")]
+    torch_best = [t for name, t in best.items() if name.startswith("torch_reference")]
+    if jax_best and torch_best:
+        ta, tb = min(jax_best), min(torch_best)
         print(f"fastest to {args.target:.1%}: jax-mnist {ta:.1f}s, PyTorch {tb:.1f}s, ratio {tb / ta:.2f}x")
     print(f"load average at the end: {common.load_avg()}")
     return 0

@@ -1,7 +1,7 @@
 """The seed CNN in plain PyTorch, for side-by-side benchmarks (needs the ``bench`` extra).
 
 Same network (Conv32-ReLU-AvgPool-Conv64-ReLU-AvgPool-Dense256-ReLU-Dropout-Dense10, 3x3
-convolutions padded to keep the size), same loss (softmax cross-entropy), same optimizer
+convolutions padded to keep the size; ``--width`` scales the convolutions as jax-mnist's does), same loss (softmax cross-entropy), same optimizer
 (Adam, 1e-3 unless told), same batch and the same input pipeline as jax-mnist: the uint8
 training set in memory, a random permutation per epoch, each batch gathered, scaled to
 [0, 1] and normalized with MNIST's mean and standard deviation.
@@ -65,13 +65,14 @@ class Trainer:
         seed: int = 0,
         total_steps: int = 0,
         schedule: str = "constant",
+        width: int = 32,
     ):
         torch.manual_seed(seed)
         self.images = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1)  # uint8 [N, 1, 28, 28]
         self.labels = torch.from_numpy(labels.astype(np.int64))
         self.batch_size = batch_size
         self.channels_last = channels_last
-        self.model = SeedCNN()
+        self.model = SeedCNN(width)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=lr)
@@ -126,6 +127,12 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--schedule", choices=("constant", "onecycle"), default="constant")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument(
+        "--width",
+        type=int,
+        default=32,
+        help="channels of the first convolution (the second has twice as many)",
+    )
     parser.add_argument("--target", type=float, default=0.99, help="stop at this test accuracy")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -145,6 +152,7 @@ def main(argv=None) -> int:
         seed=args.seed,
         total_steps=args.epochs * steps_per_epoch,
         schedule=args.schedule,
+        width=args.width,
     )
     accuracy = 0.0
     for epoch in range(1, args.epochs + 1):

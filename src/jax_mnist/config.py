@@ -362,11 +362,13 @@ def seed() -> Config:
 
 
 def fast() -> Config:
-    """The least wall time to 99% test accuracy on a CPU: the seed CNN, 3 epochs, one-cycle."""
-    # One-cycle to 3e-3 reaches 99.04% validation accuracy in 3 epochs (2 epochs: 98.62%),
-    # where a constant 1e-3 needs 5 epochs for 98.88%. The whole training set is used since
-    # there is nothing to select on a validation split.
-    return Config(epochs=3, schedule="onecycle", lr=3e-3, val_size=0)
+    """The least wall time to 99% test accuracy on a CPU: the seed CNN at half width, 4 epochs, one-cycle."""
+    # Chosen on the validation split (--val-size 5000). One-cycle to 3e-3 brings the seed CNN
+    # to 99.04% in 3 epochs (2 epochs: 98.62%), where a constant 1e-3 needs 5 epochs for
+    # 98.88%. At half width (convolutions of 16 and 32 channels, 3.3x fewer FLOPs) it trains
+    # 2.2x faster and reaches 99.06% in 4 epochs (3 epochs: 98.92%). The whole training set
+    # is used since there is nothing to select on a validation split.
+    return Config(width=16, epochs=4, schedule="onecycle", lr=3e-3, val_size=0)
 
 
 def best() -> Config:
