@@ -57,7 +57,7 @@ class RestoredRun:
     meta: dict[str, Any]
 
     def predict_logits(self, images: np.ndarray, *, tta: bool = False) -> np.ndarray:
-        """Logits float32 ``[N, C]`` for uint8 or [0, 1] float images ``[N, 28, 28]``.
+        """Logits ``[N, C]`` for uint8 or [0, 1] float images ``[N, 28, 28]``.
 
         With ``tta``, the log of the softmax probabilities averaged over the images and their
         copies shifted by one pixel in each direction (:data:`TTA_SHIFTS`).
@@ -71,8 +71,7 @@ class RestoredRun:
 
         if not tta:
             return logits_of(images)
-        probabilities = [softmax(logits_of(shift_images(images, dy, dx))) for dy, dx in TTA_SHIFTS]
-        return np.log(np.mean(probabilities, axis=0) + 1e-12).astype(np.float32)
+        return average_predictions([logits_of(shift_images(images, dy, dx)) for dy, dx in TTA_SHIFTS])
 
 
 # Test-time augmentation: the image itself and one-pixel shifts down, up, right and left.
@@ -117,6 +116,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return np.exp(log_softmax(np.asarray(logits, np.float64)))
 
 
+def average_predictions(logits: list[np.ndarray]) -> np.ndarray:
+    """Log of the mean softmax probabilities of several ``[N, C]`` logits: logits ``[N, C]``
+    of the averaged prediction (an ensemble, or test-time augmentation)."""
+    return np.log(np.mean([softmax(x) for x in logits], axis=0) + 1e-12)
+
+
 def evaluate_runs(
     workdirs: list[str | Path],
     which: str | int = "best",
@@ -150,10 +155,10 @@ def evaluate_runs(
         config = config.replace(data_dir=data_dir)
     images, labels = _split_arrays(config, runs, split)
     num_classes = runs[0].setup.info.num_classes
-    members, probabilities = [], []
+    members, member_logits = [], []
     for run in runs:
         logits = run.predict_logits(images, tta=tta)
-        probabilities.append(softmax(logits))
+        member_logits.append(logits)
         members.append(
             {
                 "workdir": str(run.workdir),
@@ -164,7 +169,7 @@ def evaluate_runs(
         )
     ensemble = None
     if len(runs) > 1:
-        ensemble = classification_metrics(np.log(np.mean(probabilities, axis=0) + 1e-12), labels, num_classes)
+        ensemble = classification_metrics(average_predictions(member_logits), labels, num_classes)
     return {
         "dataset": config.dataset,
         "split": split,
