@@ -5,13 +5,14 @@
         --torch-args "--epochs 3 --lr 3e-3 --schedule onecycle"
 
 Each side is a fresh process timed from launch to exit, so start-up, data loading and
-compilation count. PyTorch runs each ``--torch-args`` recipe given (by default the ``fast``
-preset's recipe and the seed-width CNN's 3-epoch one-cycle recipe, both channels-last) and
-its fastest to the target is its figure. Set ``JAX_COMPILATION_CACHE_DIR`` to a fresh folder
-to see jax-mnist with a cold compilation cache in round 1 and a warm one after. jax-mnist trains with the given arguments and its final test accuracy is
-read from ``metrics.jsonl``; the PyTorch reference (``torch_reference.py``) evaluates the
-test set after every epoch and stops at the first epoch at or above the target. A side that
-ends below the target is reported as not reaching it. Rounds alternate.
+compilation count. jax-mnist trains with the given arguments and its final test accuracy is
+read from ``metrics.jsonl``. PyTorch runs each ``--torch-args`` recipe given (by default the
+``fast`` preset's recipe and the seed-width CNN's 3-epoch one-cycle recipe, both
+channels-last), and its fastest to the target is its figure; the PyTorch reference
+(``torch_reference.py``) evaluates the test set after every epoch and stops at the first
+epoch at or above the target. A side that ends below the target is reported as not reaching
+it. Rounds alternate. Set ``JAX_COMPILATION_CACHE_DIR`` to a fresh folder to see jax-mnist
+with a cold compilation cache in round 1 and a warm one after.
 """
 
 from __future__ import annotations
