@@ -14,7 +14,8 @@ from PIL import Image
 
 from jax_mnist.cli import main
 from jax_mnist.errors import UserError
-from jax_mnist.report import compare_runs, confusion_matrix, load_run, summarize_runs, write_report
+from jax_mnist.metrics import confusion_matrix
+from jax_mnist.report import compare_runs, load_run, summarize_runs, write_report
 from jax_mnist.train import train_and_evaluate
 
 

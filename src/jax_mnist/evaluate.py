@@ -12,38 +12,8 @@ import numpy as np
 from jax_mnist.checkpoint import Checkpoints
 from jax_mnist.config import Config
 from jax_mnist.errors import UserError
+from jax_mnist.metrics import average_predictions, classification_metrics
 from jax_mnist.parallel import create_mesh, to_host
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
-def classification_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, Any]:
-    """Loss, accuracy, per-class accuracy and confusion matrix.
-
-    Args:
-      logits: float ``[N, C]``.
-      labels: int ``[N]``.
-
-    Returns:
-      ``loss`` (mean cross-entropy), ``accuracy``, ``per_class_accuracy`` (list of C) and
-      ``confusion`` (C x C nested list, rows true labels, columns predictions).
-    """
-    logits = np.asarray(logits, np.float64)
-    labels = np.asarray(labels, np.int64)
-    predictions = logits.argmax(-1)
-    loss = -log_softmax(logits)[np.arange(len(labels)), labels].mean()
-    confusion = np.zeros((num_classes, num_classes), np.int64)
-    np.add.at(confusion, (labels, predictions), 1)
-    per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
-    return {
-        "loss": float(loss),
-        "accuracy": float((predictions == labels).mean()),
-        "per_class_accuracy": per_class.tolist(),
-        "confusion": confusion.tolist(),
-    }
 
 
 @dataclasses.dataclass
@@ -110,16 +80,6 @@ def restore_run(workdir: str | Path, which: str | int = "best", *, warn=print) -
     state, meta = restored
     checkpoints.close()
     return RestoredRun(workdir, config, setup, state, meta)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    return np.exp(log_softmax(np.asarray(logits, np.float64)))
-
-
-def average_predictions(logits: list[np.ndarray]) -> np.ndarray:
-    """Log of the mean softmax probabilities of several ``[N, C]`` logits: logits ``[N, C]``
-    of the averaged prediction (an ensemble, or test-time augmentation)."""
-    return np.log(np.mean([softmax(x) for x in logits], axis=0) + 1e-12)
 
 
 def evaluate_runs(

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from jax_mnist.errors import UserError
+from jax_mnist.metrics import softmax
 
 # A pixel counts as ink when it is at least this fraction of the brightest ink pixel.
 INK_THRESHOLD = 0.2
@@ -121,7 +122,7 @@ def predict_files(
       (the class name), ``probability``, ``top``: the ``top`` best as ``[label, probability]``),
       and one line per input that could not be read. A bad input never stops the others.
     """
-    from jax_mnist.evaluate import restore_run, softmax
+    from jax_mnist.evaluate import restore_run
 
     run = restore_run(workdir, which, warn=warn)
     class_names = run.setup.info.class_names

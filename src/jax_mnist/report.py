@@ -23,6 +23,7 @@ import numpy as np
 
 from jax_mnist.config import Config
 from jax_mnist.errors import UserError
+from jax_mnist.metrics import confusion_matrix, softmax
 
 CURVES, CONFUSION, MISTAKES, PAGE = "curves.png", "confusion.png", "mistakes.png", "report.html"
 COMPARISON, COMPARISON_PAGE = "comparison.png", "comparison.html"
@@ -123,18 +124,6 @@ def load_predictions(run: Run) -> tuple[np.ndarray, np.ndarray] | None:
     if logits.ndim != 2 or labels.shape != logits.shape[:1]:
         raise UserError(f"{path}: logits {logits.shape} and labels {labels.shape} do not match")
     return logits, labels
-
-
-def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
-    """Counts ``[true, predicted]`` of a classification, ``[num_classes, num_classes]``."""
-    index = labels.astype(np.int64) * num_classes + predictions.astype(np.int64)
-    return np.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 # -- figures

@@ -32,8 +32,8 @@ from jax_mnist.config import SCHEDULE_ONLY_FIELDS, Config
 from jax_mnist.data import load_dataset
 from jax_mnist.data.datasets import DATASETS, DatasetInfo, split_validation
 from jax_mnist.errors import UserError
-from jax_mnist.evaluate import classification_metrics
 from jax_mnist.logs import RunLogger
+from jax_mnist.metrics import classification_metrics
 from jax_mnist.models import create_model, fastconv
 from jax_mnist.optim import create_optimizer
 from jax_mnist.parallel import (

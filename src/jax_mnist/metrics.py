@@ -1,0 +1,53 @@
+"""Classification metrics from logits, in NumPy alone (reports read them without JAX)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    return np.exp(log_softmax(np.asarray(logits, np.float64)))
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts ``[true, predicted]`` of a classification, ``[num_classes, num_classes]``."""
+    index = labels.astype(np.int64) * num_classes + predictions.astype(np.int64)
+    return np.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """Loss, accuracy, per-class accuracy and confusion matrix.
+
+    Args:
+      logits: float ``[N, C]``.
+      labels: int ``[N]``.
+
+    Returns:
+      ``loss`` (mean cross-entropy), ``accuracy``, ``per_class_accuracy`` (list of C) and
+      ``confusion`` (C x C nested list, rows true labels, columns predictions).
+    """
+    logits = np.asarray(logits, np.float64)
+    labels = np.asarray(labels, np.int64)
+    predictions = logits.argmax(-1)
+    loss = -log_softmax(logits)[np.arange(len(labels)), labels].mean()
+    confusion = confusion_matrix(labels, predictions, num_classes)
+    per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
+    return {
+        "loss": float(loss),
+        "accuracy": float((predictions == labels).mean()),
+        "per_class_accuracy": per_class.tolist(),
+        "confusion": confusion.tolist(),
+    }
+
+
+def average_predictions(logits: list[np.ndarray]) -> np.ndarray:
+    """Log of the mean softmax probabilities of several ``[N, C]`` logits: logits ``[N, C]``
+    of the averaged prediction (an ensemble, or test-time augmentation)."""
+    return np.log(np.mean([softmax(x) for x in logits], axis=0) + 1e-12)
