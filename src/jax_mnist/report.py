@@ -337,7 +337,7 @@ def write_report(run_dir: str | Path) -> list[Path]:
                     f"{run.path / 'test_predictions.npz'}: {len(labels)} predictions, "
                     f"but the {run.config.dataset} test set has {len(test_images)} images"
                 )
-            probabilities = softmax(logits.astype(np.float64))
+            probabilities = softmax(logits)
             figure = plot_mistakes(test_images, labels, probabilities, class_names)
             written.append(save_figure(figure, run.path / MISTAKES))
     page = write_text(run.path / PAGE, render_run_page(run, written, notes))
