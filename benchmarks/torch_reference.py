@@ -2,9 +2,10 @@
 
 Same network (Conv32-ReLU-AvgPool-Conv64-ReLU-AvgPool-Dense256-ReLU-Dropout-Dense10, 3x3
 convolutions padded to keep the size; ``--width`` scales the convolutions as jax-mnist's
-does), same loss (softmax cross-entropy), same optimizer (Adam, 1e-3 unless told), same batch and the same input pipeline as jax-mnist: the uint8
-training set in memory, a random permutation per epoch, each batch gathered, scaled to
-[0, 1] and normalized with MNIST's mean and standard deviation.
+does), same loss (softmax cross-entropy), same optimizer (Adam, 1e-3 unless told), same
+batch and the same input pipeline as jax-mnist: the uint8 training set in memory, a random
+permutation per epoch, each batch gathered, scaled to [0, 1] and normalized with MNIST's
+mean and standard deviation.
 
 Run directly, it trains to a test accuracy and prints the wall time (used by
 ``time_to_accuracy.py``):
