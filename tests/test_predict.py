@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw
 
 from jax_mnist.config import Config
 from jax_mnist.data import load_dataset
-from jax_mnist.evaluate import TTA_SHIFTS, shift_images
+from jax_mnist.inference import TTA_SHIFTS, shift_images
 from jax_mnist.predict import ImageError, load_inputs, to_mnist_form
 from jax_mnist.train import train_and_evaluate
 

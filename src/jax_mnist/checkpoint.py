@@ -8,14 +8,22 @@ Layout of a run directory::
     checkpoints/best/<step>/{state,meta,config}     the one with the best validation accuracy
 
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a save
-cut short is never taken for a checkpoint. A checkpoint that is damaged after the fact
-(a file truncated or deleted) fails to restore; :meth:`Checkpoints.restore` then says so and
-falls back to the next older one.
+cut short is never taken for a checkpoint. Restoring tells two failures apart:
+
+- a checkpoint that is *damaged* after the fact (a file truncated or deleted) fails to read;
+  :meth:`Checkpoints.restore` says so and falls back to the next older one. When the run is
+  open for writing (training), the damaged checkpoint is moved to ``checkpoints/damaged/``
+  (and the move is reported), so that training saves that step anew instead of finding it
+  taken;
+- a checkpoint that *does not fit* (its arrays have other names or shapes than the model the
+  config describes: another model definition or package version) is intact, so nothing is
+  moved and no older checkpoint is tried: the error names the first difference.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +34,10 @@ from jax_mnist.config import Config
 from jax_mnist.errors import UserError
 
 KINDS = ("latest", "best")
+
+
+class CheckpointMismatch(UserError):
+    """An intact checkpoint whose arrays do not fit the model the config describes."""
 
 
 def _manager(directory: Path, keep: int, *, best: bool, read_only: bool) -> ocp.CheckpointManager:
@@ -57,6 +69,7 @@ class Checkpoints:
 
     def __init__(self, workdir: Path, keep: int = 3, *, read_only: bool = False):
         self.root = Path(workdir) / "checkpoints"
+        self.read_only = read_only
         if read_only and not self.root.is_dir():
             raise UserError(
                 f"{workdir}: no checkpoints here; train with `jax-mnist train --workdir {workdir}` first"
@@ -122,41 +135,127 @@ class Checkpoints:
         raise UserError(f"{self.root}: no readable checkpoint; train again or pass another run directory")
 
     def restore(
-        self, abstract_state: Any, which: str | int = "latest", *, warn=print
+        self, abstract_state: Any, which: str | int = "latest", *, partial: bool = False, warn=print
     ) -> tuple[Any, dict[str, Any]] | None:
         """Restores the newest intact checkpoint of ``which`` (``latest``, ``best`` or a step).
 
         Args:
           abstract_state: a pytree of ``jax.ShapeDtypeStruct`` (with shardings) to restore into.
+          partial: restore only the entries of ``abstract_state`` (a dict naming some of the
+            training state's fields, e.g. the weights without the optimizer state).
           warn: called with a one-line message for each damaged checkpoint skipped.
 
         Returns:
           ``(state, meta)``, or None when there is no checkpoint at all.
 
         Raises:
+          CheckpointMismatch: a checkpoint is intact but holds other arrays than
+            ``abstract_state`` (checked before anything is read).
           UserError: every checkpoint there is damaged.
         """
         manager, steps = self._candidates(which)
         if not steps:
             return None
+        kind = "best" if manager is self.best else "latest"
         for step in steps:
+            state_dir = Path(manager.directory) / str(step) / "state"
             try:
-                restored = manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-                    ),
+                stored = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+                problem = None
+            except Exception as e:  # unreadable metadata: the checkpoint is damaged
+                stored, problem = None, _first_line(e)
+            if stored is not None:
+                difference = tree_difference(stored, abstract_state, partial=partial)
+                if difference:
+                    raise CheckpointMismatch(
+                        f"{state_dir.parent}: the checkpoint does not fit the model its config "
+                        f"describes ({difference}); it was written by another version of the model "
+                        "code or of jax-mnist: restore it with that version, or train into a new --workdir"
+                    )
+                restore_args = (
+                    ocp.args.PyTreeRestore(
+                        abstract_state,
+                        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+                        partial_restore=True,
+                    )
+                    if partial
+                    else ocp.args.StandardRestore(abstract_state)
                 )
-                jax.block_until_ready(restored.state)
-                return restored.state, dict(restored.meta)
-            except Exception as e:
-                reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-                warn(
-                    f"warning: checkpoint {Path(manager.directory) / str(step)} is damaged "
-                    f"({reason}); trying an older one"
-                )
-        raise UserError(f"{manager.directory}: every checkpoint is damaged; delete the folder to start over")
+                try:
+                    restored = manager.restore(
+                        step, args=ocp.args.Composite(state=restore_args, meta=ocp.args.JsonRestore())
+                    )
+                    jax.block_until_ready(restored.state)
+                    return restored.state, dict(restored.meta)
+                except Exception as e:
+                    problem = _first_line(e)
+            warn(f"warning: checkpoint {state_dir.parent} is damaged ({problem}); trying an older one")
+            if not self.read_only:
+                self._quarantine(manager, kind, step, warn)
+        advice = (
+            "the damaged ones were moved to " + str(self.root / "damaged")
+            if not self.read_only
+            else "`jax-mnist train --workdir` on this run moves them aside"
+        )
+        raise UserError(f"{manager.directory}: every checkpoint is damaged ({advice})")
+
+    def _quarantine(self, manager: ocp.CheckpointManager, kind: str, step: int, warn) -> None:
+        """Moves a damaged checkpoint out of the manager's sight, so its step can be saved anew."""
+        source = Path(manager.directory) / str(step)
+        target = self.root / "damaged" / f"{kind}-{step}"
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.root / "damaged" / f"{kind}-{step}.{n}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(source, target)
+        manager.reload()
+        warn(f"warning: moved the damaged checkpoint {source} to {target}")
+
+    def __enter__(self) -> Checkpoints:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         self.latest.close()
         self.best.close()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def _path_names(path: tuple) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def tree_difference(stored: Any, abstract: Any, *, partial: bool = False) -> str | None:
+    """The first difference between a checkpoint's array metadata and the arrays expected.
+
+    Args:
+      stored: the checkpoint's tree of array metadata (``.shape``, ``.dtype``).
+      abstract: the expected tree of ``jax.ShapeDtypeStruct``.
+      partial: arrays in ``stored`` that ``abstract`` does not name are fine.
+
+    Returns:
+      A short description such as ``params/conv1/kernel: stored (3, 3, 1, 32), expected
+      (3, 3, 1, 16)``, or None when the trees fit.
+    """
+    have = {_path_names(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(stored)[0]}
+    want = {_path_names(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    for name, leaf in want.items():
+        if name not in have:
+            return f"{name}: not in the checkpoint"
+        if tuple(have[name].shape) != tuple(leaf.shape):
+            return f"{name}: stored {tuple(have[name].shape)}, expected {tuple(leaf.shape)}"
+        if jax.numpy.dtype(have[name].dtype) != jax.numpy.dtype(leaf.dtype):
+            return f"{name}: stored {have[name].dtype}, expected {leaf.dtype}"
+    extra = sorted(set(have) - set(want))
+    if extra and not partial:
+        return f"{extra[0]}: in the checkpoint but not in the model" + (
+            f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        )
+    return None

@@ -41,11 +41,12 @@ def option(
     return dataclasses.field(default=default, metadata=meta)
 
 
-# Fields that set only how long or how often a run goes, or on how many devices (results do
-# not depend on the layout), or where downloaded data is kept; they may change when a run resumes.
+# Fields that set only how often a run logs and saves, or on how many devices it runs (results
+# do not depend on the layout), or where downloaded data is kept: they never change what a run
+# computes, so they may change when a run resumes. ``epochs`` may change too when the
+# learning-rate schedule does not depend on it (see ``Config.schedule_spans_run``).
 SCHEDULE_ONLY_FIELDS = frozenset(
     {
-        "epochs",
         "log_every",
         "checkpoint_every",
         "checkpoint_every_steps",
@@ -203,6 +204,11 @@ class Config:
         group="output",
     )
     tensorboard: bool = option(True, "write TensorBoard event files into the run directory", group="output")
+
+    @property
+    def schedule_spans_run(self) -> bool:
+        """Whether the learning rate at a step depends on the run's length (``epochs``)."""
+        return self.schedule != "constant"
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)

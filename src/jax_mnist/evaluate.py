@@ -2,84 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
-from jax_mnist.checkpoint import Checkpoints
 from jax_mnist.config import Config
 from jax_mnist.errors import UserError
+from jax_mnist.inference import InferenceModel, load_model
 from jax_mnist.metrics import average_predictions, classification_metrics
-from jax_mnist.parallel import create_mesh, to_host
-
-
-@dataclasses.dataclass
-class RestoredRun:
-    """A trained model read back from a run directory."""
-
-    workdir: Path
-    config: Config
-    setup: Any  # train.Setup
-    state: Any  # steps.TrainState
-    meta: dict[str, Any]
-
-    def predict_logits(self, images: np.ndarray, *, tta: bool = False) -> np.ndarray:
-        """Logits ``[N, C]`` for uint8 or [0, 1] float images ``[N, 28, 28]``.
-
-        With ``tta``, the log of the softmax probabilities averaged over the images and their
-        copies shifted by one pixel in each direction (:data:`TTA_SHIFTS`).
-        """
-        from jax_mnist.train import eval_params, make_predict_fn
-
-        predict = make_predict_fn(self.setup)
-
-        def logits_of(x: np.ndarray) -> np.ndarray:
-            return to_host(predict(eval_params(self.state), self.state.model_state, jnp.asarray(x)))
-
-        if not tta:
-            return logits_of(images)
-        return average_predictions([logits_of(shift_images(images, dy, dx)) for dy, dx in TTA_SHIFTS])
-
-
-# Test-time augmentation: the image itself and one-pixel shifts down, up, right and left.
-TTA_SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
-
-
-def shift_images(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """Images ``[N, H, W]`` moved ``dy`` pixels down and ``dx`` right, the edge filled with 0."""
-    shifted = np.zeros_like(images)
-    h, w = images.shape[1:]
-    shifted[:, max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = images[
-        :, max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
-    ]
-    return shifted
-
-
-def restore_run(workdir: str | Path, which: str | int = "best", *, warn=print) -> RestoredRun:
-    """Rebuilds the model a run trained, from its checkpoint and the config stored in it.
-
-    Args:
-      workdir: the run directory.
-      which: ``best`` (by validation accuracy; the latest when the run had no validation
-        split), ``latest`` or a step number.
-    """
-    from jax_mnist.train import abstract_train_state, create_setup
-
-    workdir = Path(workdir)
-    if not workdir.is_dir():
-        raise UserError(f"{workdir}: no such run directory")
-    checkpoints = Checkpoints(workdir, read_only=True)
-    config = checkpoints.read_config(which)
-    setup = create_setup(config, steps_per_epoch=1, mesh=create_mesh(1))
-    restored = checkpoints.restore(abstract_train_state(setup), which, warn=warn)
-    if restored is None:
-        raise UserError(f"{workdir}: no checkpoint to evaluate; train first")
-    state, meta = restored
-    checkpoints.close()
-    return RestoredRun(workdir, config, setup, state, meta)
 
 
 def evaluate_runs(
@@ -104,7 +35,7 @@ def evaluate_runs(
       ``{"split", "tta", "members": [{"workdir", "step", **metrics}, ...], "ensemble": metrics
       or None}``, metrics as in :func:`classification_metrics`.
     """
-    runs = [restore_run(w, which, warn=warn) for w in workdirs]
+    runs = [load_model(w, which, warn=warn) for w in workdirs]
     datasets = {run.config.dataset for run in runs}
     if len(datasets) > 1:
         raise UserError(
@@ -114,7 +45,7 @@ def evaluate_runs(
     if data_dir is not None:
         config = config.replace(data_dir=data_dir)
     images, labels = _split_arrays(config, runs, split)
-    num_classes = runs[0].setup.info.num_classes
+    num_classes = runs[0].num_classes
     members, member_logits = [], []
     for run in runs:
         logits = run.predict_logits(images, tta=tta)
@@ -134,13 +65,13 @@ def evaluate_runs(
         "dataset": config.dataset,
         "split": split,
         "tta": tta,
-        "class_names": list(runs[0].setup.info.class_names),
+        "class_names": list(runs[0].class_names),
         "members": members,
         "ensemble": ensemble,
     }
 
 
-def _split_arrays(config: Config, runs: list[RestoredRun], split: str) -> tuple[np.ndarray, np.ndarray]:
+def _split_arrays(config: Config, runs: list[InferenceModel], split: str) -> tuple[np.ndarray, np.ndarray]:
     """The images ``[N, 28, 28]`` and labels ``[N]`` of ``split`` (``test`` or ``val``)."""
     from jax_mnist.data import load_dataset
     from jax_mnist.data.datasets import split_validation

@@ -262,6 +262,12 @@ class RunLogger:
                 record["step"], {"test/loss": record["test_loss"], "test/accuracy": record["test_accuracy"]}
             )
 
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         self._stop_bar()
         if self.events is not None:

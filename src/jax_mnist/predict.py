@@ -9,13 +9,16 @@ brings both kinds to MNIST's form so the model sees what it was trained on.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from jax_mnist.errors import UserError
 from jax_mnist.metrics import softmax
+
+if TYPE_CHECKING:
+    from jax_mnist.inference import InferenceModel
 
 # A pixel counts as ink when it is at least this fraction of the brightest ink pixel.
 INK_THRESHOLD = 0.2
@@ -43,6 +46,8 @@ def to_mnist_form(gray: np.ndarray, *, name: str = "image") -> np.ndarray:
     img = np.asarray(gray, np.float64)
     if img.ndim != 2 or min(img.shape) < 1:
         raise ImageError(f"{name}: expected a 2-D grayscale image, got shape {img.shape}")
+    if not np.isfinite(img).all():
+        raise ImageError(f"{name}: the image holds values that are not finite numbers (NaN or infinity)")
     lo, hi = img.min(), img.max()
     if hi - lo < 1e-6 * max(abs(hi), 1.0):
         raise ImageError(f"{name}: the image is blank (every pixel is {lo:g}); nothing to recognize")
@@ -97,19 +102,73 @@ def load_inputs(path: Path) -> list[tuple[str, np.ndarray]]:
         if array.ndim == 3:
             return [(f"{name}[{i}]", a) for i, a in enumerate(array)]
         raise ImageError(f"{name}: expected an array of shape [H, W] or [N, H, W], got {array.shape}")
+    return [(name, decode_image(path, name=name))]
+
+
+# Larger images are refused before they are decoded (a small file can hold a huge image).
+MAX_IMAGE_PIXELS = 40_000_000
+
+
+def decode_image(source: Path | BinaryIO, *, name: str = "image") -> np.ndarray:
+    """Decodes an image file (PNG, JPEG, BMP, GIF, TIFF, ...) into grayscale ``[H, W]`` uint8.
+
+    Transparent pixels count as white paper. Raises :class:`ImageError` for anything that is
+    not a readable image, or one of more than :data:`MAX_IMAGE_PIXELS` pixels.
+    """
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise ImageError(
+                    f"{name}: the image is {image.width}x{image.height} pixels, more than the "
+                    f"{MAX_IMAGE_PIXELS:,} accepted"
+                )
             image.load()
             if image.mode in ("RGBA", "LA") or "transparency" in image.info:
                 # Transparent pixels count as background: composite on the image's own
                 # dominant background would be guesswork, white paper is the common case.
                 background = Image.new("RGBA", image.size, (255, 255, 255, 255))
                 image = Image.alpha_composite(background, image.convert("RGBA"))
-            return [(name, np.asarray(image.convert("L")))]
+            return np.asarray(image.convert("L"))
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image Pillow can read (PNG, JPEG, BMP, GIF, TIFF, ...)") from None
+    except Image.DecompressionBombError:
+        raise ImageError(f"{name}: the image is too large to decode") from None
     except OSError as e:
-        raise ImageError(f"{name}: damaged image file ({e})") from None
+        raise ImageError(f"{name}: damaged image file ({e})".splitlines()[0]) from None
+
+
+def predict_images(
+    model: InferenceModel, names: list[str], images: np.ndarray, *, top: int = 1
+) -> list[dict[str, Any]]:
+    """Predictions for images already in MNIST's form.
+
+    Args:
+      model: the restored model.
+      names: one name per image, echoed in the records.
+      images: float ``[N, 28, 28]`` in [0, 1], as :func:`to_mnist_form` returns.
+      top: how many of the most likely classes each record lists.
+
+    Returns:
+      One record per image: ``input``, ``prediction`` (the class index), ``label`` (its
+      name), ``probability``, ``probabilities`` (all classes), ``top`` (the ``top`` best as
+      ``[label, probability]``).
+    """
+    class_names = model.class_names
+    probabilities = softmax(model.predict_logits(images))
+    records = []
+    for name, p in zip(names, probabilities, strict=True):
+        best = np.argsort(-p, kind="stable")[:top]
+        records.append(
+            {
+                "input": name,
+                "prediction": int(best[0]),
+                "label": class_names[best[0]],
+                "probability": float(p[best[0]]),
+                "probabilities": [float(x) for x in p],
+                "top": [[class_names[i], float(p[i])] for i in best],
+            }
+        )
+    return records
 
 
 def predict_files(
@@ -118,14 +177,12 @@ def predict_files(
     """Predicts the class of every image in ``paths`` with the model of run ``workdir``.
 
     Returns:
-      ``(predictions, errors)``: one record per image (``input``, ``prediction``, ``label``
-      (the class name), ``probability``, ``top``: the ``top`` best as ``[label, probability]``),
+      ``(predictions, errors)``: one record per image as :func:`predict_images` makes them,
       and one line per input that could not be read. A bad input never stops the others.
     """
-    from jax_mnist.evaluate import restore_run
+    from jax_mnist.inference import load_model
 
-    run = restore_run(workdir, which, warn=warn)
-    class_names = run.setup.info.class_names
+    model = load_model(workdir, which, warn=warn)
     names, images, errors = [], [], []
     for path in paths:
         try:
@@ -134,18 +191,5 @@ def predict_files(
                 names.append(name)
         except ImageError as e:
             errors.append(str(e))
-    predictions = []
-    if images:
-        probabilities = softmax(run.predict_logits(np.stack(images)))
-        for name, p in zip(names, probabilities, strict=True):
-            best = np.argsort(-p)[:top]
-            predictions.append(
-                {
-                    "input": name,
-                    "prediction": int(best[0]),
-                    "label": class_names[best[0]],
-                    "probability": float(p[best[0]]),
-                    "top": [[class_names[i], float(p[i])] for i in best],
-                }
-            )
+    predictions = predict_images(model, names, np.stack(images), top=top) if images else []
     return predictions, errors

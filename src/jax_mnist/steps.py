@@ -32,6 +32,8 @@ class TrainState:
       model_state: non-trainable model variables (batch-norm statistics), a nested dict.
       opt_state: the optimizer's state.
       ema_params: moving average of ``params`` used for evaluation, or ``{}`` when off.
+      ema_model_state: moving average of ``model_state`` at the same decay (the batch-norm
+        statistics that go with the averaged weights), or ``{}`` when off.
       key: uint32 ``[2]`` raw PRNG key; step ``s`` uses ``fold_in(key, s)`` for dropout and
         augmentation, so any step's randomness is known without replaying earlier ones.
       data_key: uint32 ``[2]`` raw PRNG key; epoch ``e`` shuffles with ``fold_in(data_key, e)``.
@@ -44,6 +46,7 @@ class TrainState:
     model_state: PyTree
     opt_state: PyTree
     ema_params: PyTree
+    ema_model_state: PyTree
     key: jax.Array
     data_key: jax.Array
     epoch_sums: dict[str, jax.Array]
@@ -148,11 +151,18 @@ def train_step(
     )
     updates, opt_state = settings.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema_params = state.ema_params
+    ema_params, ema_model_state = state.ema_params, state.ema_model_state
     if settings.ema_decay:
+        # The batch statistics are averaged with the weights: the averaged weights evaluated
+        # with the live model's statistics see activations of another scale.
         decay = ema_decay_at(state.step, settings.ema_decay)
         ema_params = optax.incremental_update(params, ema_params, 1.0 - decay)
+        ema_model_state = optax.incremental_update(model_state, ema_model_state, 1.0 - decay)
 
+    # The logged loss is the plain cross-entropy, the quantity validation and test report;
+    # with label smoothing the optimized loss is larger by a term unrelated to accuracy.
+    if settings.label_smoothing:
+        loss = cross_entropy(logits, labels, settings.num_classes).mean()
     batch = labels.shape[0]
     sums = {
         "loss": loss * batch,
@@ -165,6 +175,7 @@ def train_step(
         model_state=model_state,
         opt_state=opt_state,
         ema_params=ema_params,
+        ema_model_state=ema_model_state,
         epoch_sums=jax.tree.map(jnp.add, state.epoch_sums, sums),
     )
     return new_state, sums
@@ -221,10 +232,32 @@ def epoch_order(key: jax.Array, epoch: jax.Array, num_examples: int) -> jax.Arra
     return jax.random.permutation(epoch_key, num_examples).astype(jnp.int32)
 
 
+def forward(
+    graphdef: nnx.GraphDef,
+    params: PyTree,
+    model_state: PyTree,
+    images: jax.Array,
+    *,
+    mean: float,
+    std: float,
+    compute_dtype: Any = jnp.float32,
+) -> jax.Array:
+    """Logits float32 ``[B, C]`` for uint8 or [0, 1] float images ``[B, 28, 28]``, in inference mode."""
+    x = to_model_input(images, mean, std, compute_dtype)
+    model = nnx.merge(graphdef, params, model_state)
+    return model(x, train=False).astype(jnp.float32)
+
+
 def predict_batch(
     params: PyTree, model_state: PyTree, images: jax.Array, settings: StepSettings
 ) -> jax.Array:
-    """Logits float32 ``[B, C]`` for uint8 or [0, 1] float images ``[B, 28, 28]``."""
-    x = to_model_input(images, settings.mean, settings.std, settings.compute_dtype)
-    model = nnx.merge(settings.graphdef, params, model_state)
-    return model(x, train=False).astype(jnp.float32)
+    """:func:`forward` with the settings of a training run."""
+    return forward(
+        settings.graphdef,
+        params,
+        model_state,
+        images,
+        mean=settings.mean,
+        std=settings.std,
+        compute_dtype=settings.compute_dtype,
+    )

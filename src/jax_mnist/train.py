@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import signal
 import time
 from pathlib import Path
@@ -28,13 +27,13 @@ from jax.sharding import PartitionSpec as P
 from jax_mnist import steps
 from jax_mnist.augment import AugmentSettings
 from jax_mnist.checkpoint import Checkpoints
-from jax_mnist.config import SCHEDULE_ONLY_FIELDS, Config
+from jax_mnist.config import SCHEDULE_ONLY_FIELDS, Config, resolve_config
 from jax_mnist.data import load_dataset
 from jax_mnist.data.datasets import DATASETS, DatasetInfo, split_validation
 from jax_mnist.errors import UserError
 from jax_mnist.logs import RunLogger
 from jax_mnist.metrics import classification_metrics
-from jax_mnist.models import create_model, fastconv
+from jax_mnist.models import fastconv, model_from_config
 from jax_mnist.optim import create_optimizer
 from jax_mnist.parallel import (
     agree_on_signal,
@@ -44,6 +43,7 @@ from jax_mnist.parallel import (
     replicate,
     to_host,
 )
+from jax_mnist.plan import plan_chunks
 
 
 class TrainingInterrupted(UserError):
@@ -71,17 +71,7 @@ def create_setup(config: Config, steps_per_epoch: int, mesh: jax.sharding.Mesh |
     mesh = mesh or create_mesh(config.devices, config.batch_size)
     dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
     tx = create_optimizer(config, steps_per_epoch)
-
-    def make_model():
-        return create_model(
-            config.model,
-            num_classes=info.num_classes,
-            dropout=config.dropout,
-            width=config.width,
-            depth=config.depth,
-            dtype=dtype,
-            seed=config.seed,
-        )
+    make_model = model_from_config(config, info.num_classes)
 
     graphdef, _, _ = nnx.split(nnx.eval_shape(make_model), nnx.Param, ...)
     settings = steps.StepSettings(
@@ -107,6 +97,7 @@ def create_setup(config: Config, steps_per_epoch: int, mesh: jax.sharding.Mesh |
             model_state=model_state,
             opt_state=tx.init(params),
             ema_params=jax.tree.map(jnp.copy, params) if config.ema_decay else {},
+            ema_model_state=jax.tree.map(jnp.copy, model_state) if config.ema_decay else {},
             key=jax.random.key_data(jax.random.fold_in(root, 1)),
             data_key=jax.random.key_data(jax.random.fold_in(root, 2)),
             epoch_sums=steps.zero_sums(),
@@ -127,9 +118,11 @@ def abstract_train_state(setup: Setup) -> Any:
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
-def eval_params(state: steps.TrainState) -> Any:
-    """The weights to evaluate: the moving average when there is one."""
-    return state.ema_params if state.ema_params else state.params
+def eval_variables(state: steps.TrainState) -> tuple[Any, Any]:
+    """The weights and batch statistics to evaluate: their moving averages when kept."""
+    if state.ema_params:
+        return state.ema_params, state.ema_model_state
+    return state.params, state.model_state
 
 
 def make_train_chunk_fn(setup: Setup, batch_size: int, steps_per_epoch: int):
@@ -182,22 +175,77 @@ def evaluate_arrays(
     predict_fn, state: steps.TrainState, images: jax.Array, labels: np.ndarray, num_classes: int
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Metrics and logits ``[N, C]`` of ``state``'s evaluation weights on a dataset split."""
-    logits = to_host(predict_fn(eval_params(state), state.model_state, images))
+    logits = to_host(predict_fn(*eval_variables(state), images))
     return classification_metrics(logits, labels, num_classes), logits
 
 
 def check_resume_config(stored: Config, config: Config, workdir: Path) -> None:
-    """Refuses to resume a run with settings that would change what it computes."""
+    """Refuses to resume a run with settings that would change what it computes.
+
+    Only :data:`SCHEDULE_ONLY_FIELDS` may change, and ``epochs`` when the learning rate does
+    not depend on the run's length (a constant schedule, with or without warmup): then a
+    finished run can be extended. A schedule laid over the whole run (one-cycle, cosine,
+    step) would give other rates to the steps already taken, so its ``epochs`` is fixed.
+    """
+    if config.epochs != stored.epochs and stored.schedule_spans_run:
+        raise UserError(
+            f"--epochs: {workdir} trained with a {stored.schedule} learning-rate schedule laid over "
+            f"{stored.epochs} epochs; over {config.epochs} it would have given other rates to the steps "
+            f"already taken. Resume with --epochs {stored.epochs}, or train a new run with --epochs "
+            f"{config.epochs} in another --workdir"
+        )
     differ = [
         f"{name} (stored {getattr(stored, name)!r}, given {getattr(config, name)!r})"
         for name in stored.to_dict()
-        if name not in SCHEDULE_ONLY_FIELDS and getattr(stored, name) != getattr(config, name)
+        if name not in SCHEDULE_ONLY_FIELDS | {"epochs"} and getattr(stored, name) != getattr(config, name)
     ]
     if differ:
         raise UserError(
             f"{workdir} holds a run with other settings: {'; '.join(differ)}. "
             "Use another --workdir, or resume with the stored settings"
         )
+
+
+def resolve_run(
+    workdir: str | Path,
+    given: Config | dict[str, Any],
+    *,
+    config_file: Path | None = None,
+    resume: bool = False,
+) -> Config:
+    """The config to run in ``workdir``: where a run starts, resumes or is refused.
+
+    Args:
+      workdir: the run directory; a run resumes when it holds a checkpoint.
+      given: a whole config (the Python API), or the flags given on the command line, which
+        apply on top of the resumed run's stored config (or of their preset for a new run).
+      config_file: a TOML/YAML/JSON file of settings under the flags.
+      resume: require a checkpoint to resume from.
+
+    Returns:
+      The validated config.
+
+    Raises:
+      UserError: ``resume`` without a checkpoint, or settings that would change what the
+        resumed run computes; one line says which and what to do.
+    """
+    workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"--workdir: {workdir} is a file, not a run directory")
+    stored = None
+    if (workdir / "checkpoints").is_dir():
+        checkpoints = Checkpoints(workdir, read_only=True)
+        try:
+            stored = checkpoints.read_config() if checkpoints.steps() else None
+        finally:
+            checkpoints.close()
+    if resume and stored is None:
+        raise UserError(f"{workdir}: no checkpoint to resume from; drop --resume to start a new run")
+    config = given if isinstance(given, Config) else resolve_config(given, config_file, stored)
+    config.validate()
+    if stored is not None:
+        check_resume_config(stored, config, workdir)
+    return config
 
 
 class _StopSignals:
@@ -227,7 +275,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint if there is one).
 
     Args:
-      config: the run's settings; validated here.
+      config: the run's settings; checked by :func:`resolve_run` against the run being resumed.
       workdir: the run directory; created if needed.
       resume: require a checkpoint to resume from (an error if there is none).
 
@@ -235,11 +283,17 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
       The final record: test loss and accuracy, best validation accuracy, wall time.
     """
     t_start = time.perf_counter()
-    config.validate()
     workdir = Path(workdir)
+    config = resolve_run(workdir, config, resume=resume)
     main = is_main_process()
-    logger = RunLogger(workdir, enabled=main, progress=config.progress, tensorboard=config.tensorboard)
+    with (
+        RunLogger(workdir, enabled=main, progress=config.progress, tensorboard=config.tensorboard) as logger,
+        Checkpoints(workdir, config.keep) as checkpoints,
+    ):
+        return _train(config, workdir, logger, checkpoints, t_start)
 
+
+def _train(config: Config, workdir: Path, logger: RunLogger, checkpoints: Checkpoints, t_start: float):
     # -- data: host arrays, then the training and validation split
     info = DATASETS[config.dataset]
     arrays = load_dataset(config)
@@ -254,12 +308,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
 
     # -- model, optimizer, state; resume from the latest checkpoint when there is one
     setup = create_setup(config, steps_per_epoch)
-    checkpoints = Checkpoints(workdir, config.keep)
-    if checkpoints.steps():
-        check_resume_config(checkpoints.read_config(), config, workdir)
-    elif resume:
-        raise UserError(f"{workdir}: no checkpoint to resume from; drop --resume to start a new run")
     restored = checkpoints.restore(abstract_train_state(setup), warn=logger.print)
+    meta: dict[str, Any] = {}
     if restored is None:
         state = create_train_state(setup)
     else:
@@ -267,6 +317,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
         logger.print(f"Resuming from step {meta['step']} (epoch {meta['epoch']}) in {workdir}")
     start_step = int(to_host(state.step))
     logger.truncate_after(start_step)
+    main = is_main_process()
     if main:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json() + "\n")
@@ -282,51 +333,64 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     )
     predict_fn = make_predict_fn(setup)
 
-    best_val_accuracy = _best_val_accuracy(workdir) if restored else None
-    step, epoch_order, epoch_t0, epoch_train_time = start_step, None, None, 0.0
+    best_val_accuracy = meta.get("best_val_accuracy")
+    # Sums of the steps since the last log point; a checkpoint between log points keeps them.
+    log_sums = on_device(_sums_from_json(meta["log_sums"])) if meta.get("log_sums") else None
+    step, epoch_order, epoch_t0 = start_step, None, None
+    chunks = plan_chunks(
+        start_step,
+        total_steps,
+        steps_per_epoch,
+        log_every=config.log_every,
+        checkpoint_every=config.checkpoint_every,
+        checkpoint_every_steps=config.checkpoint_every_steps,
+    )
     with _StopSignals() as stop:
-        while step < total_steps:
-            epoch, position = divmod(step, steps_per_epoch)
+        for chunk in chunks:
+            position = chunk.start - chunk.epoch * steps_per_epoch
             if epoch_order is None or position == 0:
-                epoch_order = order_fn(state.data_key, epoch)
+                epoch_order = order_fn(state.data_key, chunk.epoch)
             if position == 0:
-                state = state.replace(epoch_sums=put_replicated(steps.zero_sums(), setup.mesh))
+                state = state.replace(epoch_sums=on_device(steps.zero_sums()))
             if epoch_t0 is None or position == 0:
                 epoch_t0, epoch_train_time, epoch_start_position = time.perf_counter(), 0.0, position
                 logger.start_epoch(
-                    epoch + 1,
+                    chunk.epoch + 1,
                     epochs=config.epochs,
                     steps=steps_per_epoch,
                     done=position,
                     batch_size=config.batch_size,
                 )
 
-            chunk_end = min(steps_per_epoch, (position // config.log_every + 1) * config.log_every)
-            if config.checkpoint_every_steps:
-                every = config.checkpoint_every_steps
-                chunk_end = min(chunk_end, (step // every + 1) * every - epoch * steps_per_epoch)
-            num_steps = chunk_end - position
             t0 = time.perf_counter()
             state, sums = run_steps(
-                train_chunk, state, num_steps, config.steps_per_call, epoch_order, train_images, train_labels
+                train_chunk,
+                state,
+                chunk.num_steps,
+                config.steps_per_call,
+                epoch_order,
+                train_images,
+                train_labels,
             )
-            sums = to_host(sums)  # waits for the chunk: the only sync inside an epoch
+            log_sums = sums if log_sums is None else jax.tree.map(jnp.add, log_sums, sums)
+            jax.block_until_ready(log_sums)  # waits for the chunk: the only sync inside an epoch
             epoch_train_time += time.perf_counter() - t0
-            step += num_steps
-            if chunk_end % config.log_every == 0 or chunk_end == steps_per_epoch:
+            step = chunk.end
+            if chunk.log:
+                totals = to_host(log_sums)
                 logger.log_step(
-                    epoch=epoch + 1,
+                    epoch=chunk.epoch + 1,
                     step=step,
-                    loss=float(sums["loss"] / sums["count"]),
-                    accuracy=float(sums["correct"] / sums["count"]),
+                    loss=float(totals["loss"] / totals["count"]),
+                    accuracy=float(totals["correct"] / totals["count"]),
                 )
+                log_sums = None
 
-            epoch_done = chunk_end == steps_per_epoch
             record = None
-            if epoch_done:
+            if chunk.epoch_end:
                 record = _end_of_epoch(
                     state,
-                    epoch + 1,
+                    chunk.epoch + 1,
                     step,
                     setup,
                     predict_fn,
@@ -343,14 +407,14 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
             # One reading of the signal decides both the save and the stop: a signal that lands
             # in between waits for the next chunk instead of stopping without a checkpoint.
             signum = agree_on_signal(stop.signum)  # all processes stop at the same step
-            save_now = (
-                signum is not None
-                or step == total_steps
-                or (epoch_done and (epoch + 1) % config.checkpoint_every == 0)
-                or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
-            )
-            if save_now:
-                meta = {"step": step, "epoch": step / steps_per_epoch, "steps_per_epoch": steps_per_epoch}
+            if chunk.checkpoint or signum is not None:
+                meta = {
+                    "step": step,
+                    "epoch": step / steps_per_epoch,
+                    "steps_per_epoch": steps_per_epoch,
+                    "best_val_accuracy": best_val_accuracy,
+                    "log_sums": _sums_to_json(to_host(log_sums)) if log_sums is not None else None,
+                }
                 if record:
                     meta.update({k: v for k, v in record.items() if k.startswith(("val_", "train_"))})
                 checkpoints.save(
@@ -379,9 +443,20 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
         "wall_time_s": time.perf_counter() - t_start,
     }
     logger.log_test(final)
-    checkpoints.close()
-    logger.close()
     return final
+
+
+def _sums_to_json(sums: dict[str, np.ndarray]) -> dict[str, float | int]:
+    # float32 -> Python float -> float32 is exact, so a resumed run logs the same numbers.
+    return {"loss": float(sums["loss"]), "correct": int(sums["correct"]), "count": int(sums["count"])}
+
+
+def _sums_from_json(values: dict[str, float | int]) -> dict[str, np.ndarray]:
+    return {
+        "loss": np.float32(values["loss"]),
+        "correct": np.int32(values["correct"]),
+        "count": np.int32(values["count"]),
+    }
 
 
 def run_steps(train_chunk, state, num_steps: int, steps_per_call: int, *data):
@@ -422,15 +497,3 @@ def _end_of_epoch(
         metrics, _ = evaluate_arrays(predict_fn, state, val_images, val_labels, setup.info.num_classes)
         record.update(val_loss=metrics["loss"], val_accuracy=metrics["accuracy"])
     return record
-
-
-def _best_val_accuracy(workdir: Path) -> float | None:
-    path = workdir / "metrics.jsonl"
-    if not path.exists():
-        return None
-    values = [
-        r["val_accuracy"]
-        for r in map(json.loads, path.read_text().splitlines())
-        if r.get("kind") == "epoch" and r.get("val_accuracy") is not None
-    ]
-    return max(values, default=None)

@@ -8,7 +8,9 @@ maps images ``[B, 28, 28, 1]`` to logits ``[B, num_classes]``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,9 @@ from jax_mnist.models.lenet import LeNet5
 from jax_mnist.models.mlp import MLP
 from jax_mnist.models.resnet import ResNet
 from jax_mnist.models.vgg import VGG
+
+if TYPE_CHECKING:
+    from jax_mnist.config import Config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +61,24 @@ def create_model(
         depth=depth,
         dtype=dtype,
         rngs=nnx.Rngs(params=seed),
+    )
+
+
+def model_from_config(config: Config, num_classes: int) -> Callable[[], nnx.Module]:
+    """A function that builds the model ``config`` describes, initialized from its seed.
+
+    Call it under ``nnx.eval_shape`` for the structure alone (no parameters are computed).
+    """
+    dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+    return functools.partial(
+        create_model,
+        config.model,
+        num_classes=num_classes,
+        dropout=config.dropout,
+        width=config.width,
+        depth=config.depth,
+        dtype=dtype,
+        seed=config.seed,
     )
 
 

@@ -1,0 +1,205 @@
+"""A trained model for inference: restored from a run directory without its optimizer.
+
+:func:`load_model` is the one way a trained model is brought back to be used: ``evaluate``,
+``predict``, ``serve`` and ``export`` all start from the :class:`InferenceModel` it returns.
+It reads the config stored with the checkpoint, builds the model's structure from it (no
+parameters are computed), and restores only the evaluation weights and batch statistics
+(the moving averages when the run kept them); the optimizer's state stays on disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jax_mnist import steps
+from jax_mnist.checkpoint import Checkpoints
+from jax_mnist.config import Config
+from jax_mnist.data.datasets import DATASETS, DatasetInfo
+from jax_mnist.errors import UserError
+from jax_mnist.metrics import average_predictions
+from jax_mnist.models import model_from_config
+
+Variables = dict[str, Any]  # {"params": nested dict of arrays, "model_state": nested dict}
+
+# Test-time augmentation: the image itself and one-pixel shifts down, up, right and left.
+TTA_SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceModel:
+    """A trained model: its definition, evaluation weights and preprocessing constants.
+
+    Attributes:
+      config: the config the model was trained with.
+      info: the dataset's classes and pixel statistics (``mean``, ``std`` of [0, 1] pixels).
+      graphdef: the model's structure (Flax NNX).
+      variables: ``{"params", "model_state"}``: the weights and batch statistics to evaluate
+        (their moving averages when the run trained with ``--ema-decay``).
+      meta: what the checkpoint records: ``step``, ``epoch``, validation metrics.
+      workdir: the run directory it came from.
+    """
+
+    config: Config
+    info: DatasetInfo
+    graphdef: nnx.GraphDef
+    variables: Variables
+    meta: dict[str, Any]
+    workdir: Path | None = None
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.info.class_names
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    @property
+    def num_params(self) -> int:
+        return sum(x.size for x in jax.tree.leaves(self.variables["params"]))
+
+    def apply(self, variables: Variables, images: jax.Array) -> jax.Array:
+        """Logits float32 ``[N, C]`` for uint8 or [0, 1] float images ``[N, 28, 28]``.
+
+        Pure and traceable (for ``jax.jit`` and ``jax.export``): normalization happens
+        inside, so a caller feeds raw pixels.
+        """
+        return steps.forward(
+            self.graphdef,
+            variables["params"],
+            variables["model_state"],
+            images,
+            mean=self.info.mean,
+            std=self.info.std,
+            compute_dtype=jnp.bfloat16 if self.config.dtype == "bfloat16" else jnp.float32,
+        )
+
+    @functools.cached_property
+    def _jitted_apply(self):
+        return jax.jit(self.apply)
+
+    def predict_logits(
+        self, images: np.ndarray, *, tta: bool = False, batch_size: int | None = None
+    ) -> np.ndarray:
+        """Logits float32 ``[N, C]`` for uint8 or [0, 1] float images ``[N, 28, 28]``.
+
+        Images go through in batches of at most ``batch_size`` (default: the run's
+        ``eval_batch_size``), each padded up to a power of two, so a few shapes are compiled
+        however many images come and a single image is not padded to a thousand.
+
+        With ``tta``, the log of the softmax probabilities averaged over the images and
+        their copies shifted by one pixel in each direction (:data:`TTA_SHIFTS`).
+        """
+        images = np.asarray(images)
+        if images.ndim != 3 or images.shape[1:] != (28, 28):
+            raise UserError(f"expected images of shape [N, 28, 28], got {list(images.shape)}")
+        if tta:
+            return average_predictions(
+                [
+                    self.predict_logits(shift_images(images, dy, dx), batch_size=batch_size)
+                    for dy, dx in TTA_SHIFTS
+                ]
+            ).astype(np.float32)
+        limit = batch_size or self.config.eval_batch_size
+        out = []
+        for start in range(0, len(images), limit):
+            batch = images[start : start + limit]
+            padded_size = min(limit, 1 << (len(batch) - 1).bit_length())
+            padded = np.zeros((padded_size, *batch.shape[1:]), batch.dtype)
+            padded[: len(batch)] = batch
+            out.append(np.asarray(self._jitted_apply(self.variables, padded))[: len(batch)])
+        if not out:
+            return np.zeros((0, self.num_classes), np.float32)
+        return np.concatenate(out)
+
+    def describe(self) -> dict[str, Any]:
+        """What is loaded, as JSON-able facts: architecture, size, source run and checkpoint."""
+        return {
+            "model": self.config.model,
+            "width": self.config.width,
+            "depth": self.config.depth,
+            "dtype": self.config.dtype,
+            "parameters": self.num_params,
+            "dataset": self.config.dataset,
+            "classes": list(self.class_names),
+            "run": str(self.workdir) if self.workdir else None,
+            "step": self.meta.get("step"),
+            "epoch": self.meta.get("epoch"),
+            "val_accuracy": self.meta.get("val_accuracy"),
+            "test_accuracy": test_accuracy(self.workdir) if self.workdir else None,
+        }
+
+
+def shift_images(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """Images ``[N, H, W]`` moved ``dy`` pixels down and ``dx`` right, the edge filled with 0."""
+    shifted = np.zeros_like(images)
+    h, w = images.shape[1:]
+    shifted[:, max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = images[
+        :, max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
+    ]
+    return shifted
+
+
+def test_accuracy(workdir: Path) -> float | None:
+    """The test accuracy a finished run recorded in its ``metrics.jsonl``, or None."""
+    from jax_mnist.report import read_metrics
+
+    records = [r for r in read_metrics(workdir / "metrics.jsonl") if r.get("kind") == "test"]
+    return records[-1].get("test_accuracy") if records else None
+
+
+def abstract_variables(config: Config, info: DatasetInfo) -> tuple[nnx.GraphDef, Variables]:
+    """The model's structure and the shapes of its variables, computing no parameters."""
+    graphdef, params, model_state = nnx.split(
+        nnx.eval_shape(model_from_config(config, info.num_classes)), nnx.Param, ...
+    )
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def abstract(tree):
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(tree)
+        )
+
+    return graphdef, {"params": abstract(params), "model_state": abstract(model_state)}
+
+
+def load_model(workdir: str | Path, which: str | int = "best", *, warn=print) -> InferenceModel:
+    """Restores the model a run trained, for inference, without its optimizer.
+
+    Args:
+      workdir: the run directory.
+      which: ``best`` (by validation accuracy; the latest when the run had no validation
+        split), ``latest`` or a step number.
+      warn: called with a line for each damaged checkpoint passed over.
+
+    Raises:
+      UserError: no such run, no checkpoint, or none that can be read.
+    """
+    workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise UserError(f"{workdir}: no such run directory")
+    checkpoints = Checkpoints(workdir, read_only=True)
+    try:
+        config = checkpoints.read_config(which)
+        info = DATASETS[config.dataset]
+        graphdef, variables = abstract_variables(config, info)
+        # The training state stores the weights as ``params``/``model_state`` and, with
+        # --ema-decay, their averages as ``ema_params``/``ema_model_state``.
+        names = ("ema_params", "ema_model_state") if config.ema_decay else ("params", "model_state")
+        abstract = dict(zip(names, (variables["params"], variables["model_state"]), strict=True))
+        restored = checkpoints.restore(abstract, which, partial=True, warn=warn)
+    finally:
+        checkpoints.close()
+    if restored is None:
+        raise UserError(f"{workdir}: no checkpoint to restore; train first")
+    state, meta = restored
+    variables = {"params": state[names[0]], "model_state": state[names[1]]}
+    return InferenceModel(config, info, graphdef, variables, meta, workdir)
