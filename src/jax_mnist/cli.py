@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from jax_mnist.config import FIELDS, PRESETS, Config, field_type, flag_name, preset_config, resolve_config
+from jax_mnist.config import FIELDS, PRESETS, Config, field_type, flag_name, preset_config
 from jax_mnist.errors import ConfigError, UserError
 
 
@@ -185,9 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from jax_mnist.checkpoint import Checkpoints
     from jax_mnist.parallel import DistributedSettings, initialize_distributed
-    from jax_mnist.train import train_and_evaluate
+    from jax_mnist.train import resolve_run, train_and_evaluate
 
     # First, before anything (Orbax included) touches a device.
     distributed = DistributedSettings(
@@ -195,18 +194,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     if distributed.requested and args.workdir is None:
         raise UserError("--workdir: a multi-process run needs a run directory that every process sees")
+    if args.resume and not args.workdir:
+        raise UserError("--resume: give the run directory to resume with --workdir DIR")
     initialize_distributed(distributed, on_timeout=_exit_with_error)
     flags = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
     workdir = args.workdir or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    stored = None
-    if args.resume and not args.workdir:
-        raise UserError("--resume: give the run directory to resume with --workdir DIR")
-    if (workdir / "checkpoints").is_dir():
-        checkpoints = Checkpoints(workdir, read_only=True)
-        if checkpoints.steps():
-            stored = checkpoints.read_config()
-        checkpoints.close()
-    config = resolve_config(flags, args.config, stored).validate()
+    config = resolve_run(workdir, flags, config_file=args.config, resume=args.resume)
     train_and_evaluate(config, workdir, resume=args.resume)
     return 0
 
