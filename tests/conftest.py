@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,13 @@ import pytest
 from jax_mnist.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The persistent compilation cache stays on in tests, but in a folder of this session rather
+# than the user's: set before JAX is imported (it reads the variable then), and inherited by
+# the CLI subprocesses.
+_XLA_CACHE = tempfile.mkdtemp(prefix="jax-mnist-tests-xla-")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 
 
 def tiny_config(**changes) -> Config:

@@ -40,7 +40,9 @@ class CheckpointMismatch(UserError):
     """An intact checkpoint whose arrays do not fit the model the config describes."""
 
 
-def _manager(directory: Path, keep: int, *, best: bool, read_only: bool) -> ocp.CheckpointManager:
+def _manager(
+    directory: Path, keep: int, *, best: bool, read_only: bool, async_save: bool
+) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         best_fn=(lambda metrics: metrics["val_accuracy"]) if best else None,
@@ -49,9 +51,11 @@ def _manager(directory: Path, keep: int, *, best: bool, read_only: bool) -> ocp.
         create=not read_only,
         read_only=read_only,
         cleanup_tmp_directories=not read_only,
-        # Saves are small and rare; writing synchronously means a save is on disk before
-        # the next step, and before the process exits on Ctrl-C.
-        enable_async_checkpointing=False,
+        # Asynchronous: save() returns once the arrays are copied to host memory (Orbax does
+        # that before returning, so the next step may donate the device buffers) and the files
+        # are written by a background thread while training goes on. Checkpoints.close()
+        # waits for them, so a save is on disk before the process exits, on Ctrl-C too.
+        enable_async_checkpointing=async_save,
     )
     return ocp.CheckpointManager(
         directory.absolute(), options=options, item_names=("state", "meta", "config")
@@ -65,22 +69,30 @@ class Checkpoints:
       workdir: the run directory.
       keep: how many of the latest checkpoints to keep.
       read_only: open for restoring only (evaluate, predict).
+      async_save: write checkpoints in the background (see :meth:`save`).
     """
 
-    def __init__(self, workdir: Path, keep: int = 3, *, read_only: bool = False):
+    def __init__(self, workdir: Path, keep: int = 3, *, read_only: bool = False, async_save: bool = True):
         self.root = Path(workdir) / "checkpoints"
         self.read_only = read_only
         if read_only and not self.root.is_dir():
             raise UserError(
                 f"{workdir}: no checkpoints here; train with `jax-mnist train --workdir {workdir}` first"
             )
-        self.latest = _manager(self.root / "latest", keep, best=False, read_only=read_only)
-        self.best = _manager(self.root / "best", 1, best=True, read_only=read_only)
+        async_save = async_save and not read_only
+        self.latest = _manager(
+            self.root / "latest", keep, best=False, read_only=read_only, async_save=async_save
+        )
+        self.best = _manager(self.root / "best", 1, best=True, read_only=read_only, async_save=async_save)
 
     def save(
         self, state: Any, meta: dict[str, Any], config: Config, *, val_accuracy: float | None = None
     ) -> None:
         """Saves ``state`` as the latest checkpoint, and as the best when it is.
+
+        With ``async_save`` this returns once the arrays are copied to host memory; the files
+        are written in the background (a checkpoint appears under its step only when
+        complete). The next save, :meth:`wait` and :meth:`close` wait for them.
 
         Args:
           state: the training state pytree.
@@ -97,8 +109,13 @@ class Checkpoints:
             self.latest.save(step, args=args, force=True)
         if val_accuracy is not None and step not in self.best.all_steps():
             self.best.save(step, args=args, metrics={"val_accuracy": val_accuracy}, force=True)
-        self.latest.wait_until_finished()
-        self.best.wait_until_finished()
+
+    def wait(self) -> None:
+        """Waits until every checkpoint saved so far is complete on disk."""
+        try:
+            self.latest.wait_until_finished()
+        finally:
+            self.best.wait_until_finished()
 
     def steps(self, kind: str = "latest") -> list[int]:
         return sorted(self._manager(kind).all_steps())
@@ -153,6 +170,7 @@ class Checkpoints:
             ``abstract_state`` (checked before anything is read).
           UserError: every checkpoint there is damaged.
         """
+        self.wait()  # nothing is moved aside, or read, while it is being written
         manager, steps = self._candidates(which)
         if not steps:
             return None
@@ -219,8 +237,14 @@ class Checkpoints:
         self.close()
 
     def close(self) -> None:
-        self.latest.close()
-        self.best.close()
+        """Waits for the saves in progress to be complete on disk, then closes."""
+        try:
+            self.wait()
+        finally:
+            try:
+                self.latest.close()
+            finally:
+                self.best.close()
 
 
 def _first_line(e: BaseException) -> str:

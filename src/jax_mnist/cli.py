@@ -185,10 +185,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from jax_mnist.config import load_config_file
     from jax_mnist.parallel import DistributedSettings, initialize_distributed
+    from jax_mnist.runtime import use_deterministic_ops
     from jax_mnist.train import resolve_run, train_and_evaluate
 
-    # First, before anything (Orbax included) touches a device.
+    # XLA reads XLA_FLAGS when JAX starts its backend, which reading a stored run does: so
+    # from the flags and the config file, before that (a resumed run's stored setting
+    # cannot turn it off; it only makes the GPU kernels deterministic).
+    deterministic = getattr(args, "deterministic", None)
+    if deterministic is None and args.config is not None:
+        deterministic = load_config_file(args.config).get("deterministic")
+    if deterministic is not False:
+        use_deterministic_ops(warn=_warn)
+    # Then, before anything (Orbax included) touches a device.
     distributed = DistributedSettings(
         args.coordinator, args.num_processes, args.process_id, args.distributed, args.coordinator_timeout
     )
@@ -262,11 +272,11 @@ def _exit_with_error(message: str) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from jax_mnist.models import MODELS, count_params, create_model, flops_per_image
+    from jax_mnist.models import MODELS, abstract_model, count_params, flops_per_image
 
     print(f"{'model':<10} {'parameters':>12} {'MFLOP/image':>12}  description")
     for name, entry in MODELS.items():
-        model = create_model(name)
+        model = abstract_model(name)  # shapes only: nothing is initialized or compiled
         print(
             f"{name:<10} {count_params(model):>12,} {flops_per_image(model) / 1e6:>12.2f}  "
             f"{entry.description}"

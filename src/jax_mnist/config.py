@@ -56,6 +56,10 @@ SCHEDULE_ONLY_FIELDS = frozenset(
         "devices",
         "cache_dir",
         "tfds_data_dir",
+        # Deterministic GPU kernels change only the order of additions (float32 rounding),
+        # and the compilation cache only where compiled programs come from.
+        "deterministic",
+        "compilation_cache",
     }
 )
 
@@ -184,6 +188,18 @@ class Config:
         "slowly on XLA:CPU); more amortize the call, the rest of a chunk runs one step per call",
         min=1,
         max=1000,
+        group="devices",
+    )
+    deterministic: bool = option(
+        True,
+        "the same bits from the same settings on a GPU too: adds --xla_gpu_deterministic_ops=true "
+        "to XLA_FLAGS (XLA:CPU is deterministic already)",
+        group="devices",
+    )
+    compilation_cache: bool = option(
+        True,
+        "keep compiled programs in <cache folder>/xla (private to the user) and load them in later "
+        "runs; JAX_COMPILATION_CACHE_DIR picks another folder, JAX_MNIST_COMPILATION_CACHE=0 turns it off",
         group="devices",
     )
     log_every: int = option(100, "print the training loss every this many steps", min=1, group="output")

@@ -190,6 +190,7 @@ def train_chunk(
     num_steps: int,
     batch_size: int,
     steps_per_epoch: int,
+    sums: dict[str, jax.Array] | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """Runs ``num_steps`` training steps in one device call, batches sliced on the device.
 
@@ -205,9 +206,12 @@ def train_chunk(
       images: uint8 ``[N, 28, 28]``, the whole training set on the device.
       labels: int32 ``[N]``.
       num_steps: static; the chunk must not cross the end of the epoch.
+      sums: running sums (``loss`` f32, ``correct`` and ``count`` int32 scalars) that the
+        chunk's steps are added to, one by one; zeros when None. Carrying them from call to
+        call keeps the sums on the device without a separately compiled addition.
 
     Returns:
-      The new state and the chunk's summed loss, correct count and example count.
+      The new state and ``sums`` plus the chunk's summed loss, correct count and example count.
     """
 
     def one_step(carry, _):
@@ -220,7 +224,7 @@ def train_chunk(
         state, step_sums = train_step(state, images[index], labels[index], settings)
         return (state, jax.tree.map(jnp.add, sums, step_sums)), None
 
-    carry = (state, zero_sums())
+    carry = (state, zero_sums() if sums is None else sums)
     loop = num_steps > 1 and fastconv.loops_well(jax.make_jaxpr(one_step)(carry, None))
     (state, sums), _ = lax.scan(one_step, carry, None, length=num_steps, unroll=1 if loop else True)
     return state, sums

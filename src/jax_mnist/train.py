@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_mnist import steps
+from jax_mnist import runtime, steps
 from jax_mnist.augment import AugmentSettings
 from jax_mnist.checkpoint import Checkpoints
 from jax_mnist.config import SCHEDULE_ONLY_FIELDS, Config, resolve_config
@@ -143,11 +143,14 @@ def make_train_chunk_fn(setup: Setup, batch_size: int, steps_per_epoch: int):
 
 
 def make_predict_fn(setup: Setup):
-    """A function ``(params, model_state, images [N, 28, 28]) -> logits [N, C]`` on the device.
+    """A function ``(params, model_state, images [N, 28, 28]) -> logits`` float32 ``[N, C]``
+    (NumPy).
 
-    Batches of ``eval_batch_size`` go through one jitted forward pass each (the last one
-    padded, so there is a single compilation); a Python loop rather than ``lax.map`` for the
-    same reason as in ``steps.train_chunk``.
+    The images are cut into batches of ``eval_batch_size`` on the host, the last one padded,
+    and each batch is copied to the devices and goes through one jitted forward pass: one
+    compilation serves every split (validation and test alike), and slicing and padding
+    compile nothing. A Python loop rather than ``lax.map`` for the same reason as in
+    ``steps.train_chunk``.
     """
     # Rounded up to a multiple of the devices: each device runs its shard of every batch.
     num_devices = setup.mesh.devices.size
@@ -160,19 +163,20 @@ def make_predict_fn(setup: Setup):
     forward = jax.jit(forward_batch, out_shardings=replicate(setup.mesh))
 
     def predict(params, model_state, images):
+        images = to_host(images)
         n = images.shape[0]
-        padded = jnp.pad(images, [(0, -n % batch_size)] + [(0, 0)] * (images.ndim - 1))
+        padded = np.pad(images, [(0, -n % batch_size)] + [(0, 0)] * (images.ndim - 1))
         logits = [
-            forward(params, model_state, padded[i : i + batch_size])
+            forward(params, model_state, put_replicated(padded[i : i + batch_size], setup.mesh))
             for i in range(0, padded.shape[0], batch_size)
         ]
-        return jnp.concatenate(logits)[:n]
+        return np.concatenate(to_host(logits))[:n]
 
     return predict
 
 
 def evaluate_arrays(
-    predict_fn, state: steps.TrainState, images: jax.Array, labels: np.ndarray, num_classes: int
+    predict_fn, state: steps.TrainState, images: np.ndarray, labels: np.ndarray, num_classes: int
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Metrics and logits ``[N, C]`` of ``state``'s evaluation weights on a dataset split."""
     logits = to_host(predict_fn(*eval_variables(state), images))
@@ -248,6 +252,15 @@ def resolve_run(
     return config
 
 
+def prepare_jax(config: Config) -> None:
+    """Deterministic GPU kernels and the compilation cache, as ``config`` asks; call before
+    JAX starts its backend (opening a run's checkpoints does)."""
+    if config.deterministic:
+        runtime.use_deterministic_ops()
+    if config.compilation_cache:
+        runtime.use_compilation_cache(config.cache_dir)
+
+
 class _StopSignals:
     """Turns the first SIGINT/SIGTERM into a request to stop at the next chunk boundary."""
 
@@ -284,6 +297,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     """
     t_start = time.perf_counter()
     workdir = Path(workdir)
+    prepare_jax(config)
     config = resolve_run(workdir, config, resume=resume)
     main = is_main_process()
     with (
@@ -325,7 +339,8 @@ def _train(config: Config, workdir: Path, logger: RunLogger, checkpoints: Checkp
     # -- the dataset goes to the device once, replicated; each device slices its own batches
     on_device = functools.partial(put_replicated, mesh=setup.mesh)
     train_images, train_labels = on_device(train_x), on_device(train_y.astype(np.int32))
-    val_images, test_images = on_device(val_x), on_device(arrays.test_images)
+    # Evaluation batches go to the device one at a time (see make_predict_fn).
+    val_images, test_images = val_x, arrays.test_images
 
     train_chunk = make_train_chunk_fn(setup, config.batch_size, steps_per_epoch)
     order_fn = jax.jit(
@@ -335,7 +350,7 @@ def _train(config: Config, workdir: Path, logger: RunLogger, checkpoints: Checkp
 
     best_val_accuracy = meta.get("best_val_accuracy")
     # Sums of the steps since the last log point; a checkpoint between log points keeps them.
-    log_sums = on_device(_sums_from_json(meta["log_sums"])) if meta.get("log_sums") else None
+    log_sums = on_device(_sums_from_json(meta.get("log_sums") or _ZERO_SUMS))
     step, epoch_order, epoch_t0 = start_step, None, None
     chunks = plan_chunks(
         start_step,
@@ -351,7 +366,7 @@ def _train(config: Config, workdir: Path, logger: RunLogger, checkpoints: Checkp
             if epoch_order is None or position == 0:
                 epoch_order = order_fn(state.data_key, chunk.epoch)
             if position == 0:
-                state = state.replace(epoch_sums=on_device(steps.zero_sums()))
+                state = state.replace(epoch_sums=on_device(_sums_from_json(_ZERO_SUMS)))
             if epoch_t0 is None or position == 0:
                 epoch_t0, epoch_train_time, epoch_start_position = time.perf_counter(), 0.0, position
                 logger.start_epoch(
@@ -363,7 +378,7 @@ def _train(config: Config, workdir: Path, logger: RunLogger, checkpoints: Checkp
                 )
 
             t0 = time.perf_counter()
-            state, sums = run_steps(
+            state, log_sums = run_steps(
                 train_chunk,
                 state,
                 chunk.num_steps,
@@ -371,8 +386,8 @@ def _train(config: Config, workdir: Path, logger: RunLogger, checkpoints: Checkp
                 epoch_order,
                 train_images,
                 train_labels,
+                sums=log_sums,
             )
-            log_sums = sums if log_sums is None else jax.tree.map(jnp.add, log_sums, sums)
             jax.block_until_ready(log_sums)  # waits for the chunk: the only sync inside an epoch
             epoch_train_time += time.perf_counter() - t0
             step = chunk.end
@@ -384,7 +399,7 @@ def _train(config: Config, workdir: Path, logger: RunLogger, checkpoints: Checkp
                     loss=float(totals["loss"] / totals["count"]),
                     accuracy=float(totals["correct"] / totals["count"]),
                 )
-                log_sums = None
+                log_sums = on_device(_sums_from_json(_ZERO_SUMS))
 
             record = None
             if chunk.epoch_end:
@@ -413,7 +428,7 @@ def _train(config: Config, workdir: Path, logger: RunLogger, checkpoints: Checkp
                     "epoch": step / steps_per_epoch,
                     "steps_per_epoch": steps_per_epoch,
                     "best_val_accuracy": best_val_accuracy,
-                    "log_sums": _sums_to_json(to_host(log_sums)) if log_sums is not None else None,
+                    "log_sums": None if chunk.log else _sums_to_json(to_host(log_sums)),
                 }
                 if record:
                     meta.update({k: v for k, v in record.items() if k.startswith(("val_", "train_"))})
@@ -446,6 +461,9 @@ def _train(config: Config, workdir: Path, logger: RunLogger, checkpoints: Checkp
     return final
 
 
+_ZERO_SUMS = {"loss": 0.0, "correct": 0, "count": 0}
+
+
 def _sums_to_json(sums: dict[str, np.ndarray]) -> dict[str, float | int]:
     # float32 -> Python float -> float32 is exact, so a resumed run logs the same numbers.
     return {"loss": float(sums["loss"]), "correct": int(sums["correct"]), "count": int(sums["count"])}
@@ -459,7 +477,7 @@ def _sums_from_json(values: dict[str, float | int]) -> dict[str, np.ndarray]:
     }
 
 
-def run_steps(train_chunk, state, num_steps: int, steps_per_call: int, *data):
+def run_steps(train_chunk, state, num_steps: int, steps_per_call: int, *data, sums=None):
     """Runs ``num_steps`` training steps as jitted calls of ``steps_per_call`` steps each.
 
     Args:
@@ -467,18 +485,21 @@ def run_steps(train_chunk, state, num_steps: int, steps_per_call: int, *data):
       state: the training state; donated to the first call.
       num_steps: steps to run; a remainder below ``steps_per_call`` runs as single steps.
       data: the device-resident training arrays the chunk slices its batches from.
+      sums: running sums to add the steps' to (on the devices, like the state); zeros when
+        None.
 
     Returns:
-      ``(state, sums)``: the new state and the summed ``loss``, ``correct`` and ``count``.
-      Nothing here waits on the device: JAX queues the calls and this returns at once.
+      ``(state, sums)``: the new state and ``sums`` plus the steps' summed ``loss``,
+      ``correct`` and ``count``. Nothing here waits on the device: JAX queues the calls and
+      this returns at once.
     """
-    total = None
+    if sums is None:
+        sums = _sums_from_json(_ZERO_SUMS)
     while num_steps > 0:
         n = steps_per_call if num_steps >= steps_per_call else 1
-        state, sums = train_chunk(state, *data, num_steps=n)
-        total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+        state, sums = train_chunk(state, *data, sums=sums, num_steps=n)
         num_steps -= n
-    return state, total
+    return state, sums
 
 
 def _end_of_epoch(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -83,12 +84,20 @@ def model_from_config(config: Config, num_classes: int) -> Callable[[], nnx.Modu
 
 
 def count_params(model: nnx.Module) -> int:
-    """Number of trainable parameters of ``model``."""
-    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    """Number of trainable parameters of ``model`` (a model, or its shapes from ``nnx.eval_shape``)."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def abstract_model(name: str, **kwargs) -> nnx.Module:
+    """Model ``name`` with shapes and dtypes in place of its parameters: nothing is computed."""
+    return nnx.eval_shape(functools.partial(create_model, name, **kwargs))
 
 
 def flops_per_image(model: nnx.Module) -> float:
-    """Forward-pass FLOPs for one 28x28 image, as XLA counts them (multiply-add = 2)."""
+    """Forward-pass FLOPs for one 28x28 image, as XLA counts them (multiply-add = 2).
+
+    Counted on the lowered program, which is not compiled; ``model`` may be abstract
+    (:func:`abstract_model`)."""
     graphdef, state = nnx.split(model)
 
     def forward(state, x):

@@ -194,8 +194,27 @@ def training_compiler_options() -> dict[str, str]:
         "XLA_FLAGS", ""
     ):
         return {}
-    try:
-        jax.jit(lambda x: x + 1, compiler_options=_YNN_OFF).lower(jnp.zeros((), jnp.float32)).compile()
+    if _default_debug_options_name("xla_cpu_experimental_ynn_fusion_type"):
+        return dict(_YNN_OFF)
+    try:  # ask XLA itself, at the price of compiling a trivial program
+        jax.jit(lambda x: x + 1, compiler_options=_YNN_OFF).lower(
+            jax.ShapeDtypeStruct((), jnp.float32)
+        ).compile()
     except Exception:  # an XLA without the option: keep its defaults
         return {}
     return dict(_YNN_OFF)
+
+
+def _default_debug_options_name(option: str) -> bool:
+    """Whether XLA's default debug options set ``option`` (so this XLA knows it), read
+    without compiling anything; False when that cannot be read (a private jaxlib API)."""
+    try:
+        from jax._src.lib import _jax
+
+        # Each object held in a name: the inner ones point into the outer, which must outlive them.
+        compile_options = _jax.CompileOptions()
+        build_options = compile_options.executable_build_options
+        text = str(build_options.debug_options)
+        return f"{option}:" in text
+    except Exception:
+        return False
