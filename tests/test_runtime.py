@@ -142,3 +142,17 @@ def test_two_runs_are_bit_identical_compile_little_and_the_second_loads_from_the
     assert records("a") == records("b")
     a, b = (np.load(tmp_path / name / "test_predictions.npz") for name in ("a", "b"))
     np.testing.assert_array_equal(a["logits"], b["logits"])
+
+
+def test_initial_state_compiled_for_speed_is_the_same_bit_for_bit():
+    import jax
+
+    from jax_mnist.config import Config
+    from jax_mnist.parallel import replicate
+    from jax_mnist.train import create_setup, create_train_state
+
+    setup = create_setup(Config(model="lenet5", ema_decay=0.99), steps_per_epoch=10)
+    fast = create_train_state(setup)
+    plain = jax.jit(setup.initial_state, out_shardings=replicate(setup.mesh))()  # XLA's defaults
+    for x, y in zip(jax.tree.leaves(fast), jax.tree.leaves(plain), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -107,8 +107,14 @@ def create_setup(config: Config, steps_per_epoch: int, mesh: jax.sharding.Mesh |
 
 
 def create_train_state(setup: Setup) -> steps.TrainState:
-    """The initial training state, replicated over the mesh."""
-    return jax.jit(setup.initial_state, out_shardings=replicate(setup.mesh))()
+    """The initial training state, replicated over the mesh.
+
+    A program that runs once, so on XLA:CPU it is compiled at LLVM optimization level 1
+    rather than 3: 3 to 5 times faster to compile (seed CNN: 1.4 s against 4.2 s on the
+    loaded development machine) and, for every model and preset checked, the same bits.
+    """
+    options = {"xla_backend_optimization_level": 1} if jax.default_backend() == "cpu" else None
+    return jax.jit(setup.initial_state, out_shardings=replicate(setup.mesh), compiler_options=options)()
 
 
 def abstract_train_state(setup: Setup) -> Any:
