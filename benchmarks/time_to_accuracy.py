@@ -11,8 +11,15 @@ read from ``metrics.jsonl``. PyTorch runs each ``--torch-args`` recipe given (by
 channels-last), and its fastest to the target is its figure; the PyTorch reference
 (``torch_reference.py``) evaluates the test set after every epoch and stops at the first
 epoch at or above the target. A side that ends below the target is reported as not reaching
-it. Rounds alternate. Set ``JAX_COMPILATION_CACHE_DIR`` to a fresh folder to see jax-mnist
-with a cold compilation cache in round 1 and a warm one after.
+it. Rounds alternate. jax-mnist keeps its compiled programs in the user cache folder: set
+``JAX_MNIST_CACHE`` to a fresh folder to see it with a cold compilation cache in round 1 and a
+warm one after.
+
+On a machine with a GPU, ``--torch-device cuda`` runs each PyTorch recipe on the GPU (data
+there too) twice, eager and ``torch.compile``'d, so that the ratios to jax-mnist (which uses
+the GPU by itself) are measured in one run:
+
+    python benchmarks/time_to_accuracy.py --rounds 2 --torch-device cuda
 """
 
 from __future__ import annotations
@@ -74,6 +81,11 @@ def main(argv=None) -> int:
         action="append",
         help=f"torch_reference.py arguments; repeat for several recipes (default: {' and '.join(TORCH_RECIPES)})",
     )
+    parser.add_argument(
+        "--torch-device",
+        default="cpu",
+        help="where PyTorch trains: cpu, or cuda (each recipe then runs eager and torch.compile'd)",
+    )
     args = parser.parse_args(argv)
 
     from jax_mnist.config import PRESETS
@@ -86,7 +98,10 @@ def main(argv=None) -> int:
         jax_args = ["--preset", "fast"]
     torch = common.torch_or_none()
     print(f"machine: {common.machine().describe()}; load average {common.load_avg()}")
-    torch_recipes = (args.torch_args or TORCH_RECIPES) if torch is not None else ()
+    torch_recipes = list(args.torch_args or TORCH_RECIPES) if torch is not None else []
+    if args.torch_device != "cpu":
+        device = f"--device {args.torch_device}"
+        torch_recipes = [f"{r} {device}{extra}" for r in torch_recipes for extra in ("", " --compile")]
     rows = []
     for r in range(args.rounds):
         wall, acc = run_jax(jax_args)
