@@ -304,6 +304,7 @@ def one_line_error(result, codes=(1, 2)):
     assert len(lines) == 1 and lines[0].startswith("jax-mnist: error: "), result.stderr
 
 
+@pytest.mark.slow
 def test_the_command_gives_one_line_for_bad_files(tmp_path):
     from jax_mnist.train import train_and_evaluate
 

@@ -135,7 +135,11 @@ def export_onnx(model, out: str | Path, *, input_dtype: str = "float32") -> Path
 
 def _load_onnx(data: bytes):
     ort = _require("onnxruntime")
-    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    # Threads that sleep between calls rather than spin: on a CPU shared with other work (or
+    # with JAX in the same process) spinning took 1.2-2x longer per call in our measurements.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     return lambda images: session.run(None, {"images": images})[0]
 
 
@@ -312,6 +316,11 @@ def _convert_eqn(g: _Graph, name: str, params: dict, ins: list[_Value], eqn) -> 
         if name == "max" and any(v.const is not None and not np.any(v.const) for v in ins):
             (tensor,) = [v for v in ins if v.const is None]
             return _Value(g.node("Relu", [_materialize(g, tensor, perm)]), perm=perm)
+        if name == "sub" and ins[1].const is not None:
+            # x + (-c) rather than x - c: ONNX Runtime folds a constant Add or Mul after a
+            # convolution into its weights (batch norm arrives as subtract, scale, shift), not a Sub.
+            ins = [ins[0], dataclasses.replace(ins[1], const=-ins[1].const)]
+            name = "add"
         names = [_materialize(g, v, perm) if len(v.shape) == rank else _materialize(g, v) for v in ins]
         if name == "convert_element_type":
             to = helper.np_dtype_to_tensor_dtype(np.dtype(params["new_dtype"]))
