@@ -126,6 +126,29 @@ def test_config_files_of_any_bytes_resolve_or_fail_in_one_line(data, suffix):
         shutil.rmtree(folder)
 
 
+@settings(
+    FUZZ, max_examples=30, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+@given(value=top_levels, suffix=st.sampled_from(SUFFIXES))
+def test_train_command_with_any_config_file_fails_in_one_line(value, suffix, capsys):
+    folder = scratch()
+    try:
+        path = folder / f"config{suffix}"
+        try:
+            path.write_text(dump(value, suffix))
+        except (ValueError, TypeError, UnicodeEncodeError):
+            return
+        # --batch-size 0 is always refused, so no example can start training: whatever the
+        # file holds, the command ends in one line (the file's problem, or the flag's).
+        argv = ["train", "--config", str(path), "--workdir", str(folder / "run"), "--batch-size", "0"]
+        code = cli.main(argv)
+        err = capsys.readouterr().err
+        assert code in (1, 2) and err.startswith("jax-mnist: error: ") and err.count("\n") == 1, err
+        assert not (folder / "run").exists()
+    finally:
+        shutil.rmtree(folder)
+
+
 MALFORMED = {
     "bad.yaml": "model: [cnn\nepochs: 3\n",
     "tab.yaml": "model:\n\t- cnn\n",
