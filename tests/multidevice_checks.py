@@ -1,7 +1,7 @@
 """Data parallelism on 4 simulated CPU devices in one process.
 
 Not collected by a plain ``pytest`` run (the name does not start with ``test_``): the other
-tests run on one device. ``test_parallel.py`` runs this file in a child pytest with
+tests run on one device. ``test_distributed.py`` runs this file in a child pytest with
 ``JAX_NUM_CPU_DEVICES=4``, before anything in that process touches a device.
 """
 
@@ -31,7 +31,7 @@ from jax_mnist.train import (
 )
 
 if jax.device_count() != 4:
-    pytest.skip("needs 4 devices: run through test_parallel.py", allow_module_level=True)
+    pytest.skip("needs 4 devices: run through test_distributed.py", allow_module_level=True)
 
 # Different layouts sum gradients in a different order. Losses agree to float32 rounding;
 # a parameter may differ by up to about one Adam step (lr = 1e-3) where its gradient is

@@ -1,9 +1,12 @@
 """The typed config: presets, overrides, checks."""
 
-import dataclasses
-
+import jax
+import numpy as np
 import pytest
+from conftest import tiny_config
 
+from jax_mnist import train
+from jax_mnist.checkpoint import Checkpoints
 from jax_mnist.cli import build_parser
 from jax_mnist.config import (
     FIELDS,
@@ -69,6 +72,52 @@ def test_unknown_names_are_refused():
             Config().replace(**bad).validate() if "preset" not in bad else preset_config(bad["preset"])
 
 
-def test_schedule_only_fields_exist():
-    assert set(FIELDS) >= SCHEDULE_ONLY_FIELDS
-    assert all(dataclasses.is_dataclass(preset_config(p)) for p in PRESETS)
+SCHEDULE_ONLY_CHANGES = {
+    "log_every": 3,
+    "checkpoint_every": 2,
+    "checkpoint_every_steps": 5,
+    "keep": 1,
+    "progress": "bar",
+    "tensorboard": False,
+    "devices": 1,
+    "cache_dir": "elsewhere",
+    "tfds_data_dir": "elsewhere",
+}
+
+
+def test_every_schedule_only_field_has_a_change_tried_below():
+    assert set(SCHEDULE_ONLY_CHANGES) == SCHEDULE_ONLY_FIELDS
+
+
+def _first_epoch(workdir):
+    from test_checkpoint import records
+
+    epoch = next(r for r in records(workdir) if r["kind"] == "epoch")
+    with Checkpoints(workdir, read_only=True) as checkpoints:
+        config = checkpoints.read_config()
+        setup = train.create_setup(config, steps_per_epoch=1)
+        state, _ = checkpoints.restore(train.abstract_train_state(setup), 16)
+    return epoch, state
+
+
+@pytest.fixture(scope="module")
+def reference_epoch(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reference") / "run"
+    train.train_and_evaluate(tiny_config(epochs=1), workdir)
+    return _first_epoch(workdir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [*sorted(SCHEDULE_ONLY_CHANGES), "epochs"])
+def test_fields_that_may_change_on_resume_do_not_change_what_is_computed(name, reference_epoch, tmp_path):
+    # epochs may change on resume with the constant schedule only (Config.schedule_spans_run).
+    value = 2 if name == "epochs" else SCHEDULE_ONLY_CHANGES[name]
+    config = tiny_config(epochs=1).replace(**{name: value})
+    assert getattr(config, name) != getattr(tiny_config(), name) or name == "epochs"
+    train.train_and_evaluate(config, tmp_path / "run")
+    epoch, state = _first_epoch(tmp_path / "run")
+    expected_epoch, expected_state = reference_epoch
+    for key in ("step", "train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+        assert epoch[key] == expected_epoch[key], key
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(expected_state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -161,6 +161,7 @@ def test_training_compiler_options_leave_a_users_xla_flags_alone(monkeypatch):
         fastconv.training_compiler_options.cache_clear()
         monkeypatch.delenv("XLA_FLAGS")
         expected = {"xla_cpu_experimental_ynn_fusion_type": ""} if jax.default_backend() == "cpu" else {}
-        assert fastconv.training_compiler_options() in (expected, {})
+        # An XLA that dropped the option would make this fail: time to look at the fast path again.
+        assert fastconv.training_compiler_options() == expected
     finally:
         fastconv.training_compiler_options.cache_clear()

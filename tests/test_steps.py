@@ -52,3 +52,53 @@ def test_epoch_order_is_a_permutation_that_changes_with_the_epoch():
     assert sorted(a.tolist()) == list(range(100))
     assert not np.array_equal(a, b)
     np.testing.assert_array_equal(a, steps.epoch_order(key, 0, 100))
+
+
+def test_logged_training_loss_is_the_plain_cross_entropy_under_label_smoothing():
+    # The quantity validation and test report, so that the curves share an axis.
+    config = Config(dropout=0.0, label_smoothing=0.2)
+    setup = train.create_setup(config, steps_per_epoch=10)
+    state = train.create_train_state(setup)
+    arrays = load_dataset(config)
+    images, labels = jnp.asarray(arrays.train_images[:64]), jnp.asarray(arrays.train_labels[:64], jnp.int32)
+    logits = steps.predict_batch(state.params, state.model_state, images, setup.settings)
+    plain = steps.cross_entropy(logits, labels, 10).sum()
+    smoothed = steps.cross_entropy(logits, labels, 10, 0.2).sum()
+    _, sums = jax.jit(functools.partial(steps.train_step, settings=setup.settings))(state, images, labels)
+    np.testing.assert_allclose(float(sums["loss"]), float(plain), rtol=1e-5)
+    assert not np.isclose(float(smoothed), float(plain), rtol=1e-4)  # what was logged before
+
+
+def test_weight_ema_averages_the_batch_statistics_too():
+    config = Config(model="resnet", ema_decay=0.9)
+    setup = train.create_setup(config, steps_per_epoch=10)
+    state = train.create_train_state(setup)
+    arrays = load_dataset(config)
+    images, labels = jnp.asarray(arrays.train_images[:64]), jnp.asarray(arrays.train_labels[:64], jnp.int32)
+    step = jax.jit(functools.partial(steps.train_step, settings=setup.settings))
+    initial = state.model_state
+    for _ in range(3):
+        before = state
+        state, _ = step(state, images, labels)
+    decay = float(steps.ema_decay_at(2, 0.9))
+    for ema, prev, live in zip(
+        jax.tree.leaves(state.ema_model_state),
+        jax.tree.leaves(before.ema_model_state),
+        jax.tree.leaves(state.model_state),
+        strict=True,
+    ):
+        np.testing.assert_allclose(ema, decay * prev + (1 - decay) * live, rtol=1e-5, atol=1e-6)
+    # The averages move away from the initial statistics, and differ from the live ones.
+    assert any(
+        not np.allclose(a, b)
+        for a, b in zip(jax.tree.leaves(state.ema_model_state), jax.tree.leaves(initial), strict=True)
+    )
+    assert any(
+        not np.allclose(a, b)
+        for a, b in zip(
+            jax.tree.leaves(state.ema_model_state), jax.tree.leaves(state.model_state), strict=True
+        )
+    )
+    # Evaluation takes the averaged weights with the averaged statistics.
+    params, model_state = train.eval_variables(state)
+    assert params is state.ema_params and model_state is state.ema_model_state

@@ -179,6 +179,38 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="where the comparison of several runs goes (default: the directory holding the runs)",
     )
+    export = sub.add_parser(
+        "export",
+        help="export a trained model to ONNX or StableHLO (jax.export), runnable without jax-mnist",
+        description="Write the model of a run as one file that takes raw pixels [N, 28, 28] and "
+        "returns logits [N, C] (normalization inside), plus a JSON description beside it "
+        "(<out>.json: classes, input contract, source run, test accuracy, SHA-256).",
+    )
+    export.add_argument("run", type=Path, metavar="RUN", help="run directory")
+    export.add_argument(
+        "--format",
+        required=True,
+        metavar="onnx|stablehlo",
+        help="ONNX (ONNX Runtime) or a jax.export artifact",
+    )
+    export.add_argument(
+        "--checkpoint",
+        default="best",
+        metavar="latest|best|STEP",
+        help="which checkpoint (default: best by validation accuracy)",
+    )
+    export.add_argument(
+        "--out",
+        type=Path,
+        metavar="FILE",
+        help="the file to write (default: RUN/model.onnx or RUN/model.stablehlo)",
+    )
+    export.add_argument(
+        "--input-dtype",
+        default="float32",
+        metavar="float32|uint8",
+        help="pixels the artifact takes: float32 in [0, 1] or uint8 0-255 (default: float32)",
+    )
     runs = sub.add_parser("runs", help="list the runs under a directory with their results")
     runs.add_argument("root", nargs="?", type=Path, default=Path("runs"), metavar="DIR", help="default: runs")
     return parser
@@ -259,6 +291,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for line in errors:
         print(f"jax-mnist: error: {line}", file=sys.stderr)
     return 1 if errors else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from jax_mnist.export import export_run, sidecar_path
+
+    which = _checkpoint_choice(args.checkpoint)
+    path = export_run(args.run, args.format, args.out, which=which, input_dtype=args.input_dtype, warn=_warn)
+    print(path)
+    print(sidecar_path(path))
+    return 0
 
 
 def _warn(message: str) -> None:
@@ -344,6 +386,7 @@ COMMANDS = {
     "download": cmd_download,
     "report": cmd_report,
     "runs": cmd_runs,
+    "export": cmd_export,
 }
 
 

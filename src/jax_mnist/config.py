@@ -257,6 +257,8 @@ class Config:
                 raise ConfigError(flag, f"must be {bound}, got {value}")
             if meta["max"] is not None and value > meta["max"]:
                 raise ConfigError(flag, f"must be at most {meta['max']}, got {value}")
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+                raise ConfigError(flag, f"must be at most {MAX_INT}, got {_digits(value)}")
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(flag, f"must be a finite number, got {value}")
             if meta["choices"] is not None and value not in meta["choices"]:
@@ -294,6 +296,17 @@ class Config:
             )
 
 
+# Integer settings become int32 counters and shapes on the device.
+MAX_INT = 2**31 - 1
+
+
+def _digits(value: int) -> str:
+    """A huge integer named by its size (Python refuses to print those of over 4,300 digits)."""
+    if abs(value) < 10**18:
+        return str(value)
+    return f"a number of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+
+
 def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
@@ -318,12 +331,17 @@ def normalize_keys(values: dict[str, Any], *, source: str) -> dict[str, Any]:
     """
     out = {}
     for key, value in values.items():
+        if not isinstance(key, str):
+            raise UserError(f"{source}: setting names are text, got {key!r}")
         name = key.replace("-", "_")
         if name not in FIELDS:
             raise UserError(f"{source}: unknown setting {key!r}; see `jax-mnist train --help`")
         kind = field_type(name)
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:
+                raise UserError(f"{source}: {key} is too large, got {_digits(value)}") from None
         if value is not None and (type(value) is not kind):
             raise UserError(f"{source}: {key} must be of type {kind.__name__}, got {value!r}")
         out[name] = value
@@ -333,22 +351,27 @@ def normalize_keys(values: dict[str, Any], *, source: str) -> dict[str, Any]:
 def load_config_file(path: Path) -> dict[str, Any]:
     """Reads a TOML or YAML config file into a dict of settings (not yet merged)."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise UserError(f"{path}: cannot read config file ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not a valid config file: not UTF-8 text (byte {e.start})") from None
+    import yaml
+
     try:
         if path.suffix == ".toml":
             values = tomllib.loads(text)
         elif path.suffix in (".yaml", ".yml"):
-            import yaml
-
             values = yaml.safe_load(text) or {}
         elif path.suffix == ".json":
             values = json.loads(text)
         else:
             raise UserError(f"{path}: config files must end in .toml, .yaml, .yml or .json")
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, ValueError) as e:
+    except (tomllib.TOMLDecodeError, ValueError, yaml.YAMLError) as e:
+        # JSON and TOML errors are ValueErrors; YAML's are not. One line: the first of the message.
         raise UserError(f"{path}: not a valid config file: {e}".splitlines()[0]) from None
+    except RecursionError:
+        raise UserError(f"{path}: not a valid config file: nested too deeply") from None
     if not isinstance(values, dict):
         raise UserError(f"{path}: a config file must hold a table of settings")
     return normalize_keys(values, source=str(path))

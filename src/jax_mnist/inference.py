@@ -98,27 +98,15 @@ class InferenceModel:
         With ``tta``, the log of the softmax probabilities averaged over the images and
         their copies shifted by one pixel in each direction (:data:`TTA_SHIFTS`).
         """
-        images = np.asarray(images)
-        if images.ndim != 3 or images.shape[1:] != (28, 28):
-            raise UserError(f"expected images of shape [N, 28, 28], got {list(images.shape)}")
+        images = check_images(images)
         if tta:
-            return average_predictions(
-                [
-                    self.predict_logits(shift_images(images, dy, dx), batch_size=batch_size)
-                    for dy, dx in TTA_SHIFTS
-                ]
-            ).astype(np.float32)
-        limit = batch_size or self.config.eval_batch_size
-        out = []
-        for start in range(0, len(images), limit):
-            batch = images[start : start + limit]
-            padded_size = min(limit, 1 << (len(batch) - 1).bit_length())
-            padded = np.zeros((padded_size, *batch.shape[1:]), batch.dtype)
-            padded[: len(batch)] = batch
-            out.append(np.asarray(self._jitted_apply(self.variables, padded))[: len(batch)])
-        if not out:
-            return np.zeros((0, self.num_classes), np.float32)
-        return np.concatenate(out)
+            return tta_logits(functools.partial(self.predict_logits, batch_size=batch_size), images)
+        return run_in_batches(
+            functools.partial(self._jitted_apply, self.variables),
+            images,
+            batch_size or self.config.eval_batch_size,
+            self.num_classes,
+        )
 
     def describe(self) -> dict[str, Any]:
         """What is loaded, as JSON-able facts: architecture, size, source run and checkpoint."""
@@ -136,6 +124,42 @@ class InferenceModel:
             "val_accuracy": self.meta.get("val_accuracy"),
             "test_accuracy": test_accuracy(self.workdir) if self.workdir else None,
         }
+
+
+def check_images(images: np.ndarray) -> np.ndarray:
+    """``images`` as an array, which must be ``[N, 28, 28]``; a one-line error otherwise."""
+    images = np.asarray(images)
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise UserError(f"expected images of shape [N, 28, 28], got {list(images.shape)}")
+    return images
+
+
+def tta_logits(predict, images: np.ndarray) -> np.ndarray:
+    """Log of the softmax probabilities of ``predict`` (images -> logits ``[N, C]``) averaged
+    over ``images`` and their one-pixel shifts (:data:`TTA_SHIFTS`); float32 ``[N, C]``."""
+    return average_predictions([predict(shift_images(images, dy, dx)) for dy, dx in TTA_SHIFTS]).astype(
+        np.float32
+    )
+
+
+def run_in_batches(fn, images: np.ndarray, limit: int, num_classes: int, *, pad: bool = True) -> np.ndarray:
+    """``fn`` (images ``[B, 28, 28]`` -> logits ``[B, C]``) over ``images`` in batches of ``limit``.
+
+    With ``pad``, each batch is padded with zeros up to a power of two (at most ``limit``),
+    so a compiled function sees a few shapes however many images come.
+    """
+    out = []
+    for start in range(0, len(images), limit):
+        batch = images[start : start + limit]
+        if pad:
+            padded = np.zeros((min(limit, 1 << (len(batch) - 1).bit_length()), *batch.shape[1:]), batch.dtype)
+            padded[: len(batch)] = batch
+        else:
+            padded = batch
+        out.append(np.asarray(fn(padded))[: len(batch)])
+    if not out:
+        return np.zeros((0, num_classes), np.float32)
+    return np.concatenate(out)
 
 
 def shift_images(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
@@ -203,3 +227,27 @@ def load_model(workdir: str | Path, which: str | int = "best", *, warn=print) ->
     state, meta = restored
     variables = {"params": state[names[0]], "model_state": state[names[1]]}
     return InferenceModel(config, info, graphdef, variables, meta, workdir)
+
+
+def untrained_model(name: str, *, seed: int = 0, **config_changes) -> InferenceModel:
+    """Model ``name`` with random weights and random batch-norm statistics, as if trained.
+
+    For checking and timing inference runtimes without a training run: the moving means
+    (normal, sd 0.5) and variances (uniform in [0.5, 2]) are drawn from ``seed`` instead of
+    the initial 0 and 1, so batch normalization does real work.
+    """
+    config = Config(model=name, seed=seed, **config_changes).validate()
+    info = DATASETS[config.dataset]
+    graphdef, params, model_state = nnx.split(model_from_config(config, info.num_classes)(), nnx.Param, ...)
+    rng = np.random.default_rng(seed)
+
+    def randomize(path, x):
+        if path[-1].key == "mean":
+            return jnp.asarray(rng.normal(0.0, 0.5, x.shape), x.dtype)
+        if path[-1].key == "var":
+            return jnp.asarray(rng.uniform(0.5, 2.0, x.shape), x.dtype)
+        return x
+
+    model_state = jax.tree_util.tree_map_with_path(randomize, nnx.to_pure_dict(model_state))
+    variables = {"params": nnx.to_pure_dict(params), "model_state": model_state}
+    return InferenceModel(config, info, graphdef, variables, {"step": 0})

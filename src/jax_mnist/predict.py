@@ -43,7 +43,14 @@ def to_mnist_form(gray: np.ndarray, *, name: str = "image") -> np.ndarray:
       float32 ``[28, 28]`` in [0, 1], white digit on black, fitted in 20x20 and centred by
       centre of mass.
     """
-    img = np.asarray(gray, np.float64)
+    gray = np.asarray(gray)
+    if (
+        gray.dtype != bool
+        and not np.issubdtype(gray.dtype, np.integer)
+        and not np.issubdtype(gray.dtype, np.floating)
+    ):
+        raise ImageError(f"{name}: expected pixel values (real numbers), got an array of {gray.dtype}")
+    img = gray.astype(np.float64)
     if img.ndim != 2 or min(img.shape) < 1:
         raise ImageError(f"{name}: expected a 2-D grayscale image, got shape {img.shape}")
     if not np.isfinite(img).all():

@@ -305,15 +305,24 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     workdir = Path(workdir)
     prepare_jax(config)
     config = resolve_run(workdir, config, resume=resume)
-    main = is_main_process()
+    main = is_main_process()  # only process 0 writes files
+    mesh = create_mesh(config.devices, config.batch_size)  # devices checked before any file is written
     with (
         RunLogger(workdir, enabled=main, progress=config.progress, tensorboard=config.tensorboard) as logger,
         Checkpoints(workdir, config.keep) as checkpoints,
     ):
-        return _train(config, workdir, logger, checkpoints, t_start)
+        return _train(config, workdir, mesh, logger, checkpoints, main, t_start)
 
 
-def _train(config: Config, workdir: Path, logger: RunLogger, checkpoints: Checkpoints, t_start: float):
+def _train(
+    config: Config,
+    workdir: Path,
+    mesh: jax.sharding.Mesh,
+    logger: RunLogger,
+    checkpoints: Checkpoints,
+    main: bool,
+    t_start: float,
+) -> dict[str, Any]:
     # -- data: host arrays, then the training and validation split
     info = DATASETS[config.dataset]
     arrays = load_dataset(config)
@@ -327,7 +336,7 @@ def _train(config: Config, workdir: Path, logger: RunLogger, checkpoints: Checkp
     total_steps = config.epochs * steps_per_epoch
 
     # -- model, optimizer, state; resume from the latest checkpoint when there is one
-    setup = create_setup(config, steps_per_epoch)
+    setup = create_setup(config, steps_per_epoch, mesh)
     restored = checkpoints.restore(abstract_train_state(setup), warn=logger.print)
     meta: dict[str, Any] = {}
     if restored is None:
@@ -337,7 +346,6 @@ def _train(config: Config, workdir: Path, logger: RunLogger, checkpoints: Checkp
         logger.print(f"Resuming from step {meta['step']} (epoch {meta['epoch']}) in {workdir}")
     start_step = int(to_host(state.step))
     logger.truncate_after(start_step)
-    main = is_main_process()
     if main:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json() + "\n")
