@@ -82,6 +82,8 @@ SCHEDULE_ONLY_CHANGES = {
     "devices": 1,
     "cache_dir": "elsewhere",
     "tfds_data_dir": "elsewhere",
+    "deterministic": False,
+    "compilation_cache": False,
 }
 
 
