@@ -22,6 +22,10 @@ REPO = Path(__file__).resolve().parents[1]
 _XLA_CACHE = tempfile.mkdtemp(prefix="jax-mnist-tests-xla-")
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
 atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+# Tolerances here are float32 rounding. On GPUs, XLA's default precision multiplies float32
+# matrices in TF32 (10-bit mantissa); full float32 keeps the tolerances the same on every
+# backend. XLA:CPU computes float32 in full either way (the same bits, checked).
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
 
 def tiny_config(**changes) -> Config:
