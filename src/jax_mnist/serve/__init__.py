@@ -73,11 +73,11 @@ def serve(
 
     from jax_mnist.serve.app import create_app
 
-    model = load_served_model(path, which, warn=warn)
-    try:  # bound here, so a taken port is one line, not a log record from uvicorn
+    try:  # bound here, first, so a taken port is one line at once, not a log record from uvicorn
         sock = socket.create_server((host, port))
     except OSError as e:
         raise UserError(f"--host/--port: cannot listen on {host}:{port} ({e.strerror or e})") from None
+    model = load_served_model(path, which, warn=warn)
     # Compile every batch shape the batcher can hand the model (predict_logits pads to
     # powers of two) before the first request, so no request waits for a compilation.
     size = 1
