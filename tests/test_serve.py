@@ -97,26 +97,43 @@ def test_batcher_with_max_batch_1_calls_the_model_once_per_request_without_waiti
     assert [int(o[0, 0]) for o in outs] == [0, 2, 4, 6, 8]
 
 
-def test_batcher_waits_at_most_max_wait_for_company():
+def test_batcher_waits_for_requests_on_their_way_at_most_max_wait_and_a_lone_one_not_at_all():
     fn = Recorder()
 
     async def main():
-        batcher = MicroBatcher(fn, max_batch=64, max_wait=0.2)
+        batcher = MicroBatcher(fn, max_batch=64, max_wait=0.3)
         start = time.monotonic()
-        await batcher.predict(images_of(1)[0])
+        await batcher.predict(images_of(1)[0])  # nothing on its way: no wait
         alone = time.monotonic() - start
-        # A full batch goes at once, however long max_wait is.
-        batcher.max_wait = 30.0
-        start = time.monotonic()
-        await asyncio.gather(*(batcher.predict(x) for x in images_of(*range(64))))
-        full = time.monotonic() - start
-        await batcher.close()
-        return alone, full
 
-    alone, full = run(main())
-    assert 0.19 <= alone < 5
-    assert full < 10
-    assert fn.batches == [1, 64]
+        async def slow_request(value, delay):
+            with batcher.expecting():  # announced at once, submitted after `delay`
+                await asyncio.sleep(delay)
+                answer = batcher.submit(images_of(value)[0])
+            return await answer
+
+        start = time.monotonic()
+        joined = await asyncio.gather(batcher.predict(images_of(2)[0]), slow_request(3, 0.1))
+        together = time.monotonic() - start
+        start = time.monotonic()
+        late = await asyncio.gather(batcher.predict(images_of(4)[0]), slow_request(5, 1.0))
+        apart = time.monotonic() - start
+        # A full batch goes at once, whatever is on its way.
+        batcher.max_wait = 30.0
+        with batcher.expecting():
+            start = time.monotonic()
+            await asyncio.gather(*(batcher.predict(x) for x in images_of(*range(64))))
+            full = time.monotonic() - start
+        await batcher.close()
+        return alone, together, joined, apart, late, full
+
+    alone, together, joined, apart, late, full = run(main())
+    assert alone < 0.25
+    assert fn.batches[:2] == [1, 2] and [int(o[0, 0]) for o in joined] == [4, 6]
+    assert 0.09 <= together < 0.29  # the batch waited for the second request, not for max_wait
+    assert fn.batches[2:4] == [1, 1] and [int(o[0, 0]) for o in late] == [8, 10]
+    assert apart >= 1.0  # the first went after max_wait (0.3 s); the second came later alone
+    assert fn.batches[4:] == [64] and full < 10
 
 
 def test_batcher_requests_arriving_during_a_call_form_the_next_batch():
@@ -161,15 +178,17 @@ def test_batcher_skips_callers_that_went_away_and_close_fails_the_waiting():
     fn = Recorder()
 
     async def main():
-        batcher = MicroBatcher(fn, max_batch=64, max_wait=0.1)
-        tasks = [asyncio.ensure_future(batcher.predict(x)) for x in images_of(*range(4))]
-        await asyncio.sleep(0.01)
-        tasks[1].cancel()  # its client disconnected while it waited
+        batcher = MicroBatcher(fn, max_batch=64, max_wait=30.0)
+        with batcher.expecting():  # keeps the batch waiting while one caller goes away
+            tasks = [asyncio.ensure_future(batcher.predict(x)) for x in images_of(*range(4))]
+            await asyncio.sleep(0.01)
+            tasks[1].cancel()  # its client disconnected while it waited
+            await asyncio.sleep(0.01)
         outs = await asyncio.gather(*tasks, return_exceptions=True)
-        batcher.max_wait = 30.0
-        waiting = asyncio.ensure_future(batcher.predict(images_of(5)[0]))
-        await asyncio.sleep(0.05)
-        await batcher.close()
+        with batcher.expecting():
+            waiting = asyncio.ensure_future(batcher.predict(images_of(5)[0]))
+            await asyncio.sleep(0.05)
+            await batcher.close()
         return outs, await asyncio.gather(waiting, return_exceptions=True)
 
     outs, (closed,) = run(main())

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import io
 import json
-import logging
+import struct
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any, Protocol
@@ -27,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
+from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jax_mnist.predict import ImageError, decode_image, prediction_records, to_mnist_form
@@ -35,11 +36,13 @@ from jax_mnist.serve.batcher import MicroBatcher
 STATIC = resources.files("jax_mnist.serve") / "static"
 MAX_BODY_BYTES = 10 * 1024 * 1024
 MAX_IMAGES = 256  # per request
+# Requests at most this large are preprocessed in the event loop (see _small).
+SMALL_BYTES = 64 * 1024
+SMALL_PIXELS = 300 * 300
 # A body over the limit is still read (and dropped) up to this many bytes, so the client,
 # which sends its whole body before it reads the answer, receives the 413 rather than a reset.
 DRAIN_BYTES = 256 * 1024 * 1024
 
-log = logging.getLogger(__name__)
 
 
 class ServedModel(Protocol):
@@ -139,6 +142,25 @@ def _preprocess(
         names, arrays = _arrays_from_json(body)
         return names, np.stack([to_mnist_form(a, name=n) for n, a in zip(names, arrays, strict=True)])
     return ["image"], _decode_upload(body, "image")
+
+
+def _small(json_type: bool, data: bytes) -> bool:
+    """Whether preprocessing ``data`` takes about a millisecond, so it runs in the event loop
+    rather than in a thread (whose Python code would compete with the loop for the GIL)."""
+    if len(data) > SMALL_BYTES:
+        return False
+    if json_type:
+        return True
+    # A small file can hold a huge image: read its size from the header. PNG's is at a fixed
+    # place; other formats are opened (reading the header only), which costs more.
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        width, height = struct.unpack(">II", data[16:24])
+        return width * height <= SMALL_PIXELS
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.width * image.height <= SMALL_PIXELS
+    except Exception:  # not an image: decode_image will say so, quickly
+        return True
 
 
 async def _form_file(request: Request, body: bytes) -> tuple[str, bytes]:
@@ -248,27 +270,32 @@ def create_app(
         either polarity. Each image is brought to MNIST's form exactly as by ``jax-mnist
         predict``; the answer has its classes, probabilities and the 28x28 image the model saw.
         """
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        body = await read_body(request, max_body)
-        json_type = content_type == "application/json" or content_type.endswith("+json")
-        if not (
-            json_type
-            or content_type in ("multipart/form-data", "application/octet-stream")
-            or content_type.startswith("image/")
-        ):
-            raise ApiError(
-                415,
-                f"unsupported content type {content_type or '(none)'!r}: send an image file "
-                "(image/png, image/jpeg, ... or multipart/form-data) or application/json",
-            )
-        if not body:
-            raise ApiError(400, "the request body is empty: send an image file or JSON")
-        form_file = await _form_file(request, body) if content_type == "multipart/form-data" else None
-        names, images = await asyncio.to_thread(_preprocess, content_type, body, form_file)
-        logits = await batcher.predict(images)
+        with batcher.expecting():  # a batch forming now waits for this request
+            content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            body = await read_body(request, max_body)
+            json_type = content_type == "application/json" or content_type.endswith("+json")
+            if not (
+                json_type
+                or content_type in ("multipart/form-data", "application/octet-stream")
+                or content_type.startswith("image/")
+            ):
+                raise ApiError(
+                    415,
+                    f"unsupported content type {content_type or '(none)'!r}: send an image file "
+                    "(image/png, image/jpeg, ... or multipart/form-data) or application/json",
+                )
+            if not body:
+                raise ApiError(400, "the request body is empty: send an image file or JSON")
+            form_file = await _form_file(request, body) if content_type == "multipart/form-data" else None
+            if _small(json_type, form_file[1] if form_file else body):
+                names, images = _preprocess(content_type, body, form_file)
+            else:  # in a thread, so a large image does not hold up the other requests
+                names, images = await asyncio.to_thread(_preprocess, content_type, body, form_file)
+            answer = batcher.submit(images)
+        logits = await answer
         records = prediction_records(class_names, names, logits, top=top)
         for record, image in zip(records, images, strict=True):
-            record["image"] = np.round(image, 4).tolist()
+            record["image"] = np.round(image.astype(np.float64), 4).tolist()  # short decimals
         return JSONResponse({"classes": class_names, "predictions": records})
 
     return app

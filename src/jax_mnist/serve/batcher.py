@@ -1,11 +1,15 @@
 """A micro-batcher: concurrent requests share one model call.
 
 Each request hands its images to :meth:`MicroBatcher.predict` and awaits its own logits.
-One worker task gathers what is waiting into a batch of at most ``max_batch`` images,
-waiting at most ``max_wait`` seconds after the oldest waiting request arrived, and runs the
-model on it in a thread, so the event loop keeps accepting requests meanwhile. Requests that
-arrive during a model call wait for the next one: the busier the server, the fuller the
-batches, so throughput grows with load while a lone request waits only ``max_wait``.
+One worker task gathers what is waiting into a batch of at most ``max_batch`` images and
+runs the model on it in a thread, so the event loop keeps accepting requests meanwhile.
+Requests that arrive during a model call wait for the next one: the busier the server, the
+fuller the batches, so throughput grows with load.
+
+A batch also waits for requests that are on their way (announced with
+:meth:`MicroBatcher.expecting` while the server reads and preprocesses them), at most
+``max_wait`` seconds after its oldest request arrived. A lone request, with nothing on its
+way, never waits.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -63,7 +68,7 @@ class MicroBatcher:
         at a time.
       max_batch: at most this many images per call (a request with more goes alone). 1 turns
         batching off: every request is its own call, with no waiting.
-      max_wait: seconds a batch waits for more requests after its oldest one arrived.
+      max_wait: seconds a batch waits for requests on their way after its oldest one arrived.
     """
 
     def __init__(
@@ -79,12 +84,17 @@ class MicroBatcher:
         self.stats = BatchStats()
         self._waiting: collections.deque[_Waiting] = collections.deque()
         self._waiting_images = 0
+        self._expected = 0  # requests on their way (see expecting)
         self._arrival = asyncio.Event()
         self._worker: asyncio.Task | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
 
     async def predict(self, images: np.ndarray) -> np.ndarray:
         """The rows of ``fn``'s output for ``images`` ``[n, 28, 28]``: ``[n, C]``."""
+        return await self.submit(images)
+
+    def submit(self, images: np.ndarray) -> asyncio.Future:
+        """Queues ``images`` ``[n, 28, 28]``; the future gets their rows of ``fn``'s output."""
         loop = asyncio.get_running_loop()
         if self._worker is None:
             self.start()
@@ -92,7 +102,18 @@ class MicroBatcher:
         self._waiting.append(_Waiting(images, future, loop.time()))
         self._waiting_images += len(images)
         self._arrival.set()
-        return await future
+        return future
+
+    @contextlib.contextmanager
+    def expecting(self) -> Iterator[None]:
+        """Marks a request on its way: batches wait for it (up to ``max_wait``) until it is
+        :meth:`submit`-ted inside this block, or the block ends without it."""
+        self._expected += 1
+        try:
+            yield
+        finally:
+            self._expected -= 1
+            self._arrival.set()  # the worker looks again at whether to wait
 
     def start(self) -> None:
         """Starts the worker task on the running event loop (``predict`` starts it too)."""
@@ -121,10 +142,14 @@ class MicroBatcher:
             while not self._waiting:
                 self._arrival.clear()
                 await self._arrival.wait()
-            # Wait for more until the batch is full or its oldest request waited max_wait
-            # (which it may already have done while the previous call ran).
+            # Wait for requests on their way until the batch is full or its oldest request
+            # waited max_wait (which it may already have done while the previous call ran).
             deadline = self._waiting[0].arrived + self.max_wait
-            while self._waiting_images < self.max_batch and (remaining := deadline - loop.time()) > 0:
+            while (
+                self._expected > 0
+                and self._waiting_images < self.max_batch
+                and (remaining := deadline - loop.time()) > 0
+            ):
                 self._arrival.clear()
                 try:
                     await asyncio.wait_for(self._arrival.wait(), remaining)
