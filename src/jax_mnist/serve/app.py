@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import json
 import struct
@@ -36,13 +37,12 @@ from jax_mnist.serve.batcher import MicroBatcher
 STATIC = resources.files("jax_mnist.serve") / "static"
 MAX_BODY_BYTES = 10 * 1024 * 1024
 MAX_IMAGES = 256  # per request
-# Requests at most this large are preprocessed in the event loop (see _small).
+# Inputs at most this large are preprocessed in the event loop (see _small_image).
 SMALL_BYTES = 64 * 1024
 SMALL_PIXELS = 300 * 300
 # A body over the limit is still read (and dropped) up to this many bytes, so the client,
 # which sends its whole body before it reads the answer, receives the 413 rather than a reset.
 DRAIN_BYTES = 256 * 1024 * 1024
-
 
 
 class ServedModel(Protocol):
@@ -72,17 +72,17 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 once it passes ``limit`` bytes (counted as it streams)."""
+    """The request body, refused with 413 once it passes ``limit`` bytes (counted as it streams:
+    no more than ``limit`` bytes are kept)."""
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > limit:
-            async for chunk in request.stream():  # drain (bounded), keeping nothing
-                size += len(chunk)
-                if size > DRAIN_BYTES:
-                    break
-            raise ApiError(413, f"the request body is larger than the {limit:,} bytes accepted")
-        chunks.append(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+        elif size > DRAIN_BYTES:  # past the limit the rest is read and dropped, up to here
+            break
+    if size > limit:
+        raise ApiError(413, f"the request body is larger than the {limit:,} bytes accepted")
     return b"".join(chunks)
 
 
@@ -131,26 +131,11 @@ def _arrays_from_json(body: bytes) -> tuple[list[str], list[np.ndarray]]:
     return names, arrays
 
 
-def _preprocess(
-    content_type: str, body: bytes, form_file: tuple[str, bytes] | None
-) -> tuple[list[str], np.ndarray]:
-    """Names and MNIST-form images ``[N, 28, 28]`` from a request body (run in a thread)."""
-    if form_file is not None:
-        name, data = form_file
-        return [name], _decode_upload(data, name)
-    if content_type == "application/json" or content_type.endswith("+json"):
-        names, arrays = _arrays_from_json(body)
-        return names, np.stack([to_mnist_form(a, name=n) for n, a in zip(names, arrays, strict=True)])
-    return ["image"], _decode_upload(body, "image")
-
-
-def _small(json_type: bool, data: bytes) -> bool:
-    """Whether preprocessing ``data`` takes about a millisecond, so it runs in the event loop
-    rather than in a thread (whose Python code would compete with the loop for the GIL)."""
+def _small_image(data: bytes) -> bool:
+    """Whether an image file is small enough to preprocess in the event loop (about a
+    millisecond) rather than in a thread, whose Python code would compete with the loop."""
     if len(data) > SMALL_BYTES:
         return False
-    if json_type:
-        return True
     # A small file can hold a huge image: read its size from the header. PNG's is at a fixed
     # place; other formats are opened (reading the header only), which costs more.
     if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
@@ -161,6 +146,10 @@ def _small(json_type: bool, data: bytes) -> bool:
             return image.width * image.height <= SMALL_PIXELS
     except Exception:  # not an image: decode_image will say so, quickly
         return True
+
+
+def _mnist_form_all(names: list[str], arrays: list[np.ndarray]) -> np.ndarray:
+    return np.stack([to_mnist_form(a, name=n) for n, a in zip(names, arrays, strict=True)])
 
 
 async def _form_file(request: Request, body: bytes) -> tuple[str, bytes]:
@@ -287,10 +276,21 @@ def create_app(
             if not body:
                 raise ApiError(400, "the request body is empty: send an image file or JSON")
             form_file = await _form_file(request, body) if content_type == "multipart/form-data" else None
-            if _small(json_type, form_file[1] if form_file else body):
-                names, images = _preprocess(content_type, body, form_file)
-            else:  # in a thread, so a large image does not hold up the other requests
-                names, images = await asyncio.to_thread(_preprocess, content_type, body, form_file)
+            # Small inputs are preprocessed here, large ones in a thread so that they do not
+            # hold up the other requests.
+            if json_type:
+                small = len(body) <= SMALL_BYTES
+                names, arrays = (
+                    _arrays_from_json(body) if small else await asyncio.to_thread(_arrays_from_json, body)
+                )
+                work = functools.partial(_mnist_form_all, names, arrays)
+                small = len(arrays) <= 4 and sum(a.size for a in arrays) <= SMALL_PIXELS
+            else:
+                names = [form_file[0] if form_file else "image"]
+                data = form_file[1] if form_file else body
+                work = functools.partial(_decode_upload, data, names[0])
+                small = _small_image(data)
+            images = work() if small else await asyncio.to_thread(work)
             answer = batcher.submit(images)
         logits = await answer
         records = prediction_records(class_names, names, logits, top=top)
