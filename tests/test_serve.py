@@ -7,6 +7,8 @@ import http.client
 import io
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -453,6 +455,23 @@ def test_serve_errors_are_one_line(tiny_run, tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and str(junk) in result.stderr
     assert run_cli("serve", str(tiny_run), "--max-batch", "0", timeout=120).returncode == 2
+    # Without the serve extra (FastAPI made unimportable), one line names the extra.
+    without = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.modules['fastapi'] = None; from jax_mnist.cli import main; "
+            f"sys.exit(main(['serve', {str(tiny_run)!r}]))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert without.returncode == 1
+    assert (
+        without.stderr.strip()
+        == "jax-mnist: error: serve needs the fastapi package: pip install 'jax-mnist[serve]'"
+    )
     with socket.create_server(("127.0.0.1", 0)) as taken_socket:
         port = taken_socket.getsockname()[1]
         taken = run_cli("serve", str(tiny_run), "--port", str(port), timeout=300)
