@@ -7,9 +7,11 @@ the default) and one not (``--max-batch 1``: every request is its own model call
 sends each the same load: N clients, each on its own keep-alive connection, posting PNGs of
 MNIST test digits (``POST /api/predict``, raw ``image/png`` body) one after another, as fast
 as the answers come. Each level is bounded in count and in time (``--requests``,
-``--seconds``), and the two servers take turns at each level. Prints predictions per second,
-p50 and p99 latency and the mean batch the server formed. The clients run on the same
-machine as the server and take their share of its cores.
+``--seconds``), and the two servers take turns at each level; the table shows each server's
+best round (the least disturbed by other work). Prints predictions per second, p50 and p99
+latency, the mean batch the server formed and the mean time of one model call (from
+``/api/stats``). The clients run on the same machine as the server and take their share of
+its cores.
 """
 
 from __future__ import annotations
@@ -41,7 +43,17 @@ def start_server(run: Path, max_batch: int, log_dir: Path) -> tuple[subprocess.P
         port = s.getsockname()[1]
     log = open(log_dir / f"serve-{max_batch}.log", "w")  # noqa: SIM115 (lives as long as the server)
     process = subprocess.Popen(
-        [sys.executable, "-m", "jax_mnist", "serve", str(run), "--port", str(port), "--max-batch", str(max_batch)],
+        [
+            sys.executable,
+            "-m",
+            "jax_mnist",
+            "serve",
+            str(run),
+            "--port",
+            str(port),
+            "--max-batch",
+            str(max_batch),
+        ],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -113,6 +125,8 @@ def load(port: int, clients: int, pngs: list[bytes], requests: int, seconds: flo
         "p50_ms": 1000 * float(np.percentile(all_latencies, 50)),
         "p99_ms": 1000 * float(np.percentile(all_latencies, 99)),
         "mean_batch": (after["images"] - before["images"]) / calls if calls else 0.0,
+        "model_ms": 1000 * (after["model_seconds"] - before["model_seconds"]) / calls if calls else 0.0,
+        "longest_call_ms": after["longest_call_ms"],
     }
 
 
@@ -160,7 +174,10 @@ def main(argv=None) -> int:
                 process.terminate()
                 process.wait(timeout=30)
     print(f"load average after:  {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"\n{'clients':>7}  {'server':<10} {'pred/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6} {'answers':>8}")
+    print(
+        f"\n{'clients':>7}  {'server':<10} {'pred/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6} "
+        f"{'call ms':>8} {'answers':>8}"
+    )
     for clients in levels:
         row = {}
         for name in servers:
@@ -170,7 +187,7 @@ def main(argv=None) -> int:
             errors = sum(r["errors"] for r in runs)
             print(
                 f"{clients:>7}  {name:<10} {best['per_second']:>8.0f} {best['p50_ms']:>8.1f} "
-                f"{best['p99_ms']:>8.1f} {best['mean_batch']:>6.1f} {best['answers']:>8}"
+                f"{best['p99_ms']:>8.1f} {best['mean_batch']:>6.1f} {best['model_ms']:>8.1f} {best['answers']:>8}"
                 + (f"  ({errors} errors)" if errors else "")
             )
         ratio = row["batched"]["per_second"] / row["unbatched"]["per_second"]

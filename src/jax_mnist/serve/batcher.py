@@ -19,6 +19,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -32,15 +33,19 @@ class BatchStats:
     images: int = 0
     requests: int = 0
     largest: int = 0
+    seconds: float = 0.0  # in model calls
+    longest: float = 0.0  # the longest model call, seconds
     # batch size (images) -> how many model calls had it
     sizes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
-    def record(self, images: int, requests: int) -> None:
+    def record(self, images: int, requests: int, seconds: float) -> None:
         self.calls += 1
         self.images += images
         self.requests += requests
         self.largest = max(self.largest, images)
         self.sizes[images] += 1
+        self.seconds += seconds
+        self.longest = max(self.longest, seconds)
 
     def to_dict(self) -> dict:
         return {
@@ -49,6 +54,8 @@ class BatchStats:
             "requests": self.requests,
             "largest_batch": self.largest,
             "mean_batch": self.images / self.calls if self.calls else 0.0,
+            "model_seconds": self.seconds,
+            "longest_call_ms": 1000 * self.longest,
             "batch_sizes": {str(k): v for k, v in sorted(self.sizes.items())},
         }
 
@@ -159,7 +166,7 @@ class MicroBatcher:
             if not batch:  # every waiting caller had gone away
                 continue
             images = batch[0].images if len(batch) == 1 else np.concatenate([b.images for b in batch])
-            self.stats.record(len(images), len(batch))
+            start = time.perf_counter()
             try:
                 out = await loop.run_in_executor(self._executor, self.fn, images)
             except Exception as e:
@@ -167,6 +174,8 @@ class MicroBatcher:
                     if not item.future.done():
                         item.future.set_exception(e)
                 continue
+            finally:
+                self.stats.record(len(images), len(batch), time.perf_counter() - start)
             start = 0
             for item in batch:
                 if not item.future.done():  # a caller that went away is skipped
