@@ -189,6 +189,12 @@ def main(argv=None) -> int:
                 f"{clients:>7}  {name:<10} {best['per_second']:>8.0f} {best['p50_ms']:>8.1f} "
                 f"{best['p99_ms']:>8.1f} {best['mean_batch']:>6.1f} {best['model_ms']:>8.1f} {best['answers']:>8}"
                 + (f"  ({errors} errors)" if errors else "")
+                + (
+                    f"   rounds: {min(r['per_second'] for r in runs):.0f}-{max(r['per_second'] for r in runs):.0f}"
+                    f" pred/s, p99 {min(r['p99_ms'] for r in runs):.0f}-{max(r['p99_ms'] for r in runs):.0f} ms"
+                    if len(runs) > 1
+                    else ""
+                )
             )
         ratio = row["batched"]["per_second"] / row["unbatched"]["per_second"]
         print(f"{'':>7}  batched/unbatched throughput: {ratio:.2f}x")

@@ -9,6 +9,7 @@ batcher can form, and runs the app of :func:`jax_mnist.serve.app.create_app` on 
 from __future__ import annotations
 
 import socket
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -95,5 +96,9 @@ def serve(
         + f") from {path} on http://{shown_host}:{bound_port}/ (Ctrl-C stops)",
         flush=True,
     )
+    # The event loop runs Python most of the time under load; the model's thread, back from
+    # XLA, waits for the GIL until the loop is made to hand it over (every 5 ms by default).
+    # Handing over every 0.5 ms gave 30% more predictions per second at 32 clients here.
+    sys.setswitchinterval(0.0005)
     config = uvicorn.Config(app, access_log=False, log_level="warning", timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])

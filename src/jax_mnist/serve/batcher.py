@@ -33,7 +33,7 @@ class BatchStats:
     images: int = 0
     requests: int = 0
     largest: int = 0
-    seconds: float = 0.0  # in model calls
+    seconds: float = 0.0  # in model calls (in the model's thread)
     longest: float = 0.0  # the longest model call, seconds
     # batch size (images) -> how many model calls had it
     sizes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
@@ -166,21 +166,25 @@ class MicroBatcher:
             if not batch:  # every waiting caller had gone away
                 continue
             images = batch[0].images if len(batch) == 1 else np.concatenate([b.images for b in batch])
-            start = time.perf_counter()
             try:
-                out = await loop.run_in_executor(self._executor, self.fn, images)
+                out, seconds = await loop.run_in_executor(self._executor, self._timed, images)
             except Exception as e:
+                self.stats.record(len(images), len(batch), 0.0)
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(e)
                 continue
-            finally:
-                self.stats.record(len(images), len(batch), time.perf_counter() - start)
+            self.stats.record(len(images), len(batch), seconds)
             start = 0
             for item in batch:
                 if not item.future.done():  # a caller that went away is skipped
                     item.future.set_result(out[start : start + len(item.images)])
                 start += len(item.images)
+
+    def _timed(self, images: np.ndarray) -> tuple[np.ndarray, float]:
+        start = time.perf_counter()
+        out = self.fn(images)
+        return out, time.perf_counter() - start
 
     def _take(self) -> list[_Waiting]:
         """Takes waiting requests off the queue, oldest first, up to ``max_batch`` images."""
