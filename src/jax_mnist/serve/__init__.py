@@ -75,24 +75,29 @@ def serve(
 
     from jax_mnist.serve.app import create_app
 
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:  # bound here, first, so a taken port is one line at once, not a log record from uvicorn
-        sock = socket.create_server((host, port))
+        sock = socket.create_server((host, port), family=family)
     except OSError as e:
         raise UserError(f"--host/--port: cannot listen on {host}:{port} ({e.strerror or e})") from None
-    model = load_served_model(path, which, warn=warn)
-    # Compile every batch shape the batcher can hand the model (predict_logits pads to
-    # powers of two) before the first request, so no request waits for a compilation.
-    size = 1
-    while size < 2 * max_batch:
-        model.predict_logits(np.zeros((min(size, max_batch), 28, 28), np.float32))
-        size *= 2
+    try:
+        model = load_served_model(path, which, warn=warn)
+        # Compile every batch shape the batcher can hand the model (predict_logits pads to
+        # powers of two) before the first request, so no request waits for a compilation.
+        size = 1
+        while size < 2 * max_batch:
+            model.predict_logits(np.zeros((min(size, max_batch), 28, 28), np.float32))
+            size *= 2
+    except BaseException:
+        sock.close()
+        raise
     app = create_app(model, max_batch=max_batch, max_wait=max_wait_ms / 1000)
     info = model.describe()
     accuracy = info.get("test_accuracy")
     bound_port = sock.getsockname()[1]
     shown_host = f"[{host}]" if ":" in host else host
     print(
-        f"serving {info.get('model')} ({info.get('parameters', 0):,} parameters"
+        f"serving {info.get('model')} ({info.get('parameters') or 0:,} parameters"
         + (f", {100 * accuracy:.2f}% test accuracy" if accuracy is not None else "")
         + f") from {path} on http://{shown_host}:{bound_port}/ (Ctrl-C stops)",
         flush=True,

@@ -182,7 +182,7 @@ def create_app(
     Args:
       model: an already restored model (see :class:`ServedModel`).
       max_batch: at most this many images per model call; 1 turns batching off.
-      max_wait: seconds a batch waits for more requests after its first one arrived.
+      max_wait: seconds a batch waits for requests on their way after its first one arrived.
       max_body: request bodies larger than this many bytes are refused with 413.
     """
     batcher = MicroBatcher(model.predict_logits, max_batch=max_batch, max_wait=max_wait)
