@@ -211,6 +211,40 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="float32|uint8",
         help="pixels the artifact takes: float32 in [0, 1] or uint8 0-255 (default: float32)",
     )
+    serve = sub.add_parser(
+        "serve",
+        help="a draw-a-digit page and an HTTP API for a trained model",
+        description="Serve a trained model: a page to draw or upload digits at /, the HTTP API "
+        "POST /api/predict and GET /api/model, its docs at /docs. Needs: pip install 'jax-mnist[serve]'.",
+    )
+    serve.add_argument(
+        "model", type=Path, metavar="RUN|EXPORTED_FILE", help="a run directory or an exported model file"
+    )
+    serve.add_argument(
+        "--checkpoint",
+        metavar="latest|best|STEP",
+        help="which checkpoint of a run (default: best by validation accuracy)",
+    )
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)"
+    )
+    serve.add_argument(
+        "--port", type=int, default=8000, help="port to listen on (default: 8000; 0: any free)"
+    )
+    serve.add_argument(
+        "--max-batch",
+        type=int,
+        default=64,
+        metavar="N",
+        help="concurrent requests share one model call of up to N images; 1 turns batching off (default: 64)",
+    )
+    serve.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=5.0,
+        metavar="MS",
+        help="how long a batch waits for more requests after its first (default: 5)",
+    )
     runs = sub.add_parser("runs", help="list the runs under a directory with their results")
     runs.add_argument("root", nargs="?", type=Path, default=Path("runs"), metavar="DIR", help="default: runs")
     return parser
@@ -303,6 +337,22 @@ def _exit_with_error(message: str) -> None:
     os._exit(UserError.exit_code)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from jax_mnist.serve import serve
+
+    which = None if args.checkpoint is None else _checkpoint_choice(args.checkpoint)
+    serve(
+        args.model,
+        which=which,
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        warn=_warn,
+    )
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from jax_mnist.models import MODELS, count_params, create_model, flops_per_image
 
@@ -377,6 +427,7 @@ COMMANDS = {
     "report": cmd_report,
     "runs": cmd_runs,
     "export": cmd_export,
+    "serve": cmd_serve,
 }
 
 
