@@ -238,7 +238,7 @@ def test_search_with_two_workers_prunes_writes_best_toml_and_never_reads_the_tes
             line for line in (run / "metrics.jsonl").read_text().splitlines() if '"kind": "epoch"' in line
         ]
         assert len(epochs) == len(t.intermediate_values)
-    assert any(len(t.intermediate_values) == 1 for t in pruned)  # stopped after epoch 1 of 2
+    assert all(len(t.intermediate_values) == 1 for t in pruned)  # stopped after epoch 1 of 2
     print("trial states:", counts)
 
     # every trial is an ordinary run directory, without a test evaluation

@@ -485,7 +485,8 @@ def make_objective(settings: TuneSettings, log: Callable[[str], None]):
 
         def on_epoch(record: dict[str, Any]) -> None:
             trial.report(record["val_accuracy"], record["epoch"])
-            if trial.should_prune():
+            # After the last epoch there is nothing left to save: the trial completes.
+            if record["epoch"] < config.epochs and trial.should_prune():
                 log(
                     f"trial {trial.number}: pruned after epoch {record['epoch']} "
                     f"(val acc {100 * record['val_accuracy']:.2f}%)"
