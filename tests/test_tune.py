@@ -33,7 +33,7 @@ from jax_mnist.train import train_and_evaluate
 
 optuna = pytest.importorskip("optuna", reason="the tune tests need Optuna: pip install 'jax-mnist[tune]'")
 
-from jax_mnist.tune import default_space, make_settings, toml_text  # noqa: E402
+from jax_mnist.tune import default_space, make_settings, open_study, toml_text  # noqa: E402
 
 TINY = [
     *("--model", "mlp", "--width", "32", "--depth", "1"),
@@ -138,6 +138,29 @@ def test_yaml_space_reads_like_toml_and_default_space_leaves_out_fixed_flags(tmp
     names = {p.name for p in fixed}
     assert names == set(default_space("vgg")) - {"epochs", "lr"}
     assert {"width", "depth", "dropout", "weight_decay", "label_smoothing", "aug_shift"} <= names
+
+
+def _proposals(settings, n: int) -> list[dict]:
+    """The first ``n`` points a fresh study proposes, each told a score that depends on it."""
+    study = open_study(settings)
+    points = []
+    for _ in range(n):
+        trial = study.ask()
+        params = {p.name: p.suggest(trial) for p in settings.space}
+        study.tell(trial, -abs(np.log10(params["lr"]) + 2.5) - params["dropout"])
+        points.append(params)
+    return points
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # ask and tell here, not optimize
+def test_a_seeded_search_proposes_the_same_trials_again(tmp_path):
+    space = write(tmp_path / "space.toml", SPACE)
+    runs = [
+        _proposals(make_settings(tmp_path / name, 14, {}, space_file=space, sampler_seed=seed), 14)
+        for name, seed in (("a", 0), ("b", 0), ("c", 1))
+    ]
+    assert runs[0] == runs[1]  # TPE past its 10 random start-up trials included
+    assert runs[0] != runs[2]
 
 
 def test_without_optuna_one_line_says_what_to_install(tmp_path):

@@ -407,6 +407,7 @@ def _study_attrs(settings: TuneSettings) -> dict[str, Any]:
 def open_study(settings: TuneSettings, *, seed_offset: int = 0):
     """Creates the study or loads it to continue; refuses one started with other settings."""
     optuna = import_optuna()
+    settings.study_dir.mkdir(parents=True, exist_ok=True)  # the default storage lies in it
     storage = open_storage(settings.storage_url)
     study = None
     for attempt in range(10):
