@@ -245,6 +245,55 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MS",
         help="how long a batch waits for more requests after its first (default: 5)",
     )
+    tune = sub.add_parser(
+        "tune",
+        help="search hyperparameters on the validation split with Optuna (pip install 'jax-mnist[tune]')",
+        description="Search hyperparameters with Optuna, scored by validation accuracy; the test set is "
+        "never read. Every trial is a run directory STUDY/trial-NNNN. Flags of `jax-mnist train` fix "
+        "those settings for every trial. Running the same command again continues the study.",
+    )
+    tune.add_argument(
+        "--study", type=Path, required=True, metavar="DIR", help="folder of the study and its trials"
+    )
+    tune.add_argument(
+        "--trials", type=int, required=True, metavar="N", help="finish when N trials are complete or pruned"
+    )
+    tune.add_argument(
+        "--workers", type=int, default=1, metavar="K", help="trial processes on this machine (default: 1)"
+    )
+    tune.add_argument(
+        "--space",
+        type=Path,
+        metavar="FILE",
+        help="TOML or YAML file of the searched settings (default: a built-in space for the model)",
+    )
+    tune.add_argument(
+        "--storage",
+        metavar="URL",
+        help="Optuna storage shared by workers on several machines, e.g. "
+        "postgresql://user:password@host/db (default: sqlite in DIR/study.db)",
+    )
+    tune.add_argument(
+        "--study-name", metavar="NAME", help="name of the study in the storage (default: DIR's name)"
+    )
+    tune.add_argument("--sampler", choices=("tpe", "random"), default="tpe", help="default: tpe")
+    tune.add_argument(
+        "--pruner",
+        choices=("median", "halving", "none"),
+        default="median",
+        help="stop hopeless trials from their per-epoch validation accuracy (default: median)",
+    )
+    tune.add_argument(
+        "--sampler-seed", type=int, default=0, metavar="S", help="seed of the sampler (default: 0)"
+    )
+    tune.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML, YAML or JSON file of fixed settings; flags override it",
+    )
+    add_config_flags(tune)
+
     runs = sub.add_parser("runs", help="list the runs under a directory with their results")
     runs.add_argument("root", nargs="?", type=Path, default=Path("runs"), metavar="DIR", help="default: runs")
     return parser
@@ -396,6 +445,27 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from jax_mnist.tune import make_settings, tune
+
+    flags = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
+    settings = make_settings(
+        args.study,
+        args.trials,
+        flags,
+        config_file=args.config,
+        space_file=args.space,
+        workers=args.workers,
+        storage=args.storage,
+        study_name=args.study_name,
+        sampler=args.sampler,
+        pruner=args.pruner,
+        sampler_seed=args.sampler_seed,
+    )
+    tune(settings)
+    return 0
+
+
 def cmd_datasets(args: argparse.Namespace) -> int:
     from jax_mnist.data.download import describe, format_datasets, format_files, resolve_cache_dir
 
@@ -428,6 +498,7 @@ COMMANDS = {
     "runs": cmd_runs,
     "export": cmd_export,
     "serve": cmd_serve,
+    "tune": cmd_tune,
 }
 
 
