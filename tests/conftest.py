@@ -5,9 +5,12 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -53,3 +56,76 @@ def run_cli(
         timeout=timeout,
         **kwargs,
     )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``python -m jax_mnist serve RUN --port P`` as a real process on 127.0.0.1.
+
+    Starts the server and waits until ``GET /api/model`` answers; :meth:`stop` sends SIGTERM
+    and returns what the server printed.
+    """
+
+    def __init__(self, model_path: Path, *args: str, log_dir: Path, timeout: float = 300):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_dir / f"serve-{self.port}.log"
+        self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "jax_mnist", "serve", str(model_path), "--port", str(self.port), *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/api/model", timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"the server did not answer within {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
+
+    def stop(self) -> str:
+        """Stops the server (SIGTERM, as Ctrl-C would) and returns its output."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.log_path.read_text()
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory) -> Path:
+    """A run of ``jax-mnist train`` with the default flags (the seed CNN, 5 epochs): about
+    2.5 minutes on 2 idle cores, trained once for every test that needs a good model."""
+    workdir = tmp_path_factory.mktemp("default") / "run"
+    result = run_cli("train", "--workdir", str(workdir), "--progress", "plain", timeout=1800)
+    assert result.returncode == 0, result.stderr
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def default_server(default_run, tmp_path_factory):
+    """``jax-mnist serve`` of :func:`default_run`, shared by the serve and page tests."""
+    server = ServerProcess(default_run, log_dir=tmp_path_factory.mktemp("serve"))
+    yield server
+    server.stop()

@@ -34,8 +34,10 @@ def _other_value(name):
         return next(c for c in meta["choices"] if c != value)
     if kind is bool:
         return not value
-    if kind is str or value is None:
+    if kind is str:
         return "elsewhere"
+    if value is None:
+        return 1
     return (
         (meta["max"] if meta["max"] is not None and meta["max"] != value else value + 1)
         if kind is int

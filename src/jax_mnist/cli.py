@@ -211,6 +211,89 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="float32|uint8",
         help="pixels the artifact takes: float32 in [0, 1] or uint8 0-255 (default: float32)",
     )
+    serve = sub.add_parser(
+        "serve",
+        help="a draw-a-digit page and an HTTP API for a trained model",
+        description="Serve a trained model: a page to draw or upload digits at /, the HTTP API "
+        "POST /api/predict and GET /api/model, its docs at /docs. Needs: pip install 'jax-mnist[serve]'.",
+    )
+    serve.add_argument(
+        "model", type=Path, metavar="RUN|EXPORTED_FILE", help="a run directory or an exported model file"
+    )
+    serve.add_argument(
+        "--checkpoint",
+        metavar="latest|best|STEP",
+        help="which checkpoint of a run (default: best by validation accuracy)",
+    )
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)"
+    )
+    serve.add_argument(
+        "--port", type=int, default=8000, help="port to listen on (default: 8000; 0: any free)"
+    )
+    serve.add_argument(
+        "--max-batch",
+        type=int,
+        default=64,
+        metavar="N",
+        help="concurrent requests share one model call of up to N images; 1 turns batching off (default: 64)",
+    )
+    serve.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=5.0,
+        metavar="MS",
+        help="how long a batch waits for more requests after its first (default: 5)",
+    )
+    tune = sub.add_parser(
+        "tune",
+        help="search hyperparameters on the validation split with Optuna (pip install 'jax-mnist[tune]')",
+        description="Search hyperparameters with Optuna, scored by validation accuracy; the test set is "
+        "never read. Every trial is a run directory STUDY/trial-NNNN. Flags of `jax-mnist train` fix "
+        "those settings for every trial. Running the same command again continues the study.",
+    )
+    tune.add_argument(
+        "--study", type=Path, required=True, metavar="DIR", help="folder of the study and its trials"
+    )
+    tune.add_argument(
+        "--trials", type=int, required=True, metavar="N", help="finish when N trials are complete or pruned"
+    )
+    tune.add_argument(
+        "--workers", type=int, default=1, metavar="K", help="trial processes on this machine (default: 1)"
+    )
+    tune.add_argument(
+        "--space",
+        type=Path,
+        metavar="FILE",
+        help="TOML or YAML file of the searched settings (default: a built-in space for the model)",
+    )
+    tune.add_argument(
+        "--storage",
+        metavar="URL",
+        help="Optuna storage shared by workers on several machines, e.g. "
+        "postgresql://user:password@host/db (default: sqlite in DIR/study.db)",
+    )
+    tune.add_argument(
+        "--study-name", metavar="NAME", help="name of the study in the storage (default: DIR's name)"
+    )
+    tune.add_argument("--sampler", choices=("tpe", "random"), default="tpe", help="default: tpe")
+    tune.add_argument(
+        "--pruner",
+        choices=("median", "halving", "none"),
+        default="median",
+        help="stop hopeless trials from their per-epoch validation accuracy (default: median)",
+    )
+    tune.add_argument(
+        "--sampler-seed", type=int, default=0, metavar="S", help="seed of the sampler (default: 0)"
+    )
+    tune.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML, YAML or JSON file of fixed settings; flags override it",
+    )
+    add_config_flags(tune)
+
     runs = sub.add_parser("runs", help="list the runs under a directory with their results")
     runs.add_argument("root", nargs="?", type=Path, default=Path("runs"), metavar="DIR", help="default: runs")
     return parser
@@ -313,6 +396,22 @@ def _exit_with_error(message: str) -> None:
     os._exit(UserError.exit_code)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from jax_mnist.serve import serve
+
+    which = None if args.checkpoint is None else _checkpoint_choice(args.checkpoint)
+    serve(
+        args.model,
+        which=which,
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        warn=_warn,
+    )
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from jax_mnist.models import MODELS, abstract_model, count_params, flops_per_image
 
@@ -356,6 +455,27 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from jax_mnist.tune import make_settings, tune
+
+    flags = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
+    settings = make_settings(
+        args.study,
+        args.trials,
+        flags,
+        config_file=args.config,
+        space_file=args.space,
+        workers=args.workers,
+        storage=args.storage,
+        study_name=args.study_name,
+        sampler=args.sampler,
+        pruner=args.pruner,
+        sampler_seed=args.sampler_seed,
+    )
+    tune(settings)
+    return 0
+
+
 def cmd_datasets(args: argparse.Namespace) -> int:
     from jax_mnist.data.download import describe, format_datasets, format_files, resolve_cache_dir
 
@@ -387,6 +507,8 @@ COMMANDS = {
     "report": cmd_report,
     "runs": cmd_runs,
     "export": cmd_export,
+    "serve": cmd_serve,
+    "tune": cmd_tune,
 }
 
 

@@ -121,6 +121,13 @@ class Config:
         min=0,
         group="data",
     )
+    val_seed: int | None = option(
+        None,
+        "seed that chooses the validation images; runs with different --seed but the same --val-seed "
+        "hold out the same images (for ensembles and searches scored on them); default: --seed",
+        min=0,
+        group="data",
+    )
     train_size: int = option(
         0,
         "train on only the first this many examples left after the "
@@ -225,6 +232,11 @@ class Config:
     def schedule_spans_run(self) -> bool:
         """Whether the learning rate at a step depends on the run's length (``epochs``)."""
         return self.schedule != "constant"
+
+    @property
+    def validation_seed(self) -> int:
+        """The seed that chooses the validation images: ``val_seed``, or ``seed`` when not set."""
+        return self.seed if self.val_seed is None else self.val_seed
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)

@@ -76,14 +76,15 @@ def _split_arrays(config: Config, runs: list[InferenceModel], split: str) -> tup
     from jax_mnist.data import load_dataset
     from jax_mnist.data.datasets import split_validation
 
-    arrays = load_dataset(config)
+    arrays = load_dataset(config, test=split == "test")
     if split == "test":
         return arrays.test_images, arrays.test_labels
-    holdouts = {(run.config.val_size, run.config.seed) for run in runs}
+    holdouts = {(run.config.val_size, run.config.validation_seed) for run in runs}
     if len(holdouts) > 1:
         raise UserError(
-            "--split val: these runs held out different validation images (their --seed or "
-            "--val-size differ), so one's validation images trained another; evaluate them with --split test"
+            "--split val: these runs held out different validation images (their --val-seed, or --seed "
+            "where no --val-seed was given, or --val-size differ), so one's validation images trained "
+            "another; evaluate them with --split test, or train them with one --val-seed"
         )
     val_size, seed = holdouts.pop()
     if not val_size:

@@ -156,12 +156,21 @@ def predict_images(
       top: how many of the most likely classes each record lists.
 
     Returns:
-      One record per image: ``input``, ``prediction`` (the class index), ``label`` (its
-      name), ``probability``, ``probabilities`` (all classes), ``top`` (the ``top`` best as
-      ``[label, probability]``).
+      One record per image, as :func:`prediction_records` makes them.
     """
-    class_names = model.class_names
-    probabilities = softmax(model.predict_logits(images))
+    return prediction_records(model.class_names, names, model.predict_logits(images), top=top)
+
+
+def prediction_records(
+    class_names: tuple[str, ...] | list[str], names: list[str], logits: np.ndarray, *, top: int = 1
+) -> list[dict[str, Any]]:
+    """One record per image from the model's logits ``[N, C]``.
+
+    Each record holds ``input`` (the name), ``prediction`` (the class index), ``label`` (its
+    name), ``probability``, ``probabilities`` (all classes), ``top`` (the ``top`` best as
+    ``[label, probability]``).
+    """
+    probabilities = softmax(logits)
     records = []
     for name, p in zip(names, probabilities, strict=True):
         best = np.argsort(-p, kind="stable")[:top]

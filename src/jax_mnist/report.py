@@ -371,11 +371,11 @@ def _number(value: Any, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _figure_html(path: Path) -> str:
+def _figure_html(path: Path, caption: str | None = None) -> str:
     """An embedded PNG (the page stands alone), linked to the file beside it."""
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     name = html.escape(path.name)
-    caption = html.escape(_CAPTIONS.get(path.name, ""))
+    caption = html.escape(_CAPTIONS.get(path.name, "") if caption is None else caption)
     return (
         f'<figure><a href="{name}"><img src="data:image/png;base64,{data}" alt="{name}"></a>'
         f'<figcaption>{caption} (<a href="{name}">{name}</a>)</figcaption></figure>'

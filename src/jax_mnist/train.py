@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -290,16 +291,28 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
-def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = False) -> dict[str, Any]:
+def train_and_evaluate(
+    config: Config,
+    workdir: str | Path,
+    *,
+    resume: bool = False,
+    evaluate_test: bool = True,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint if there is one).
 
     Args:
       config: the run's settings; checked by :func:`resolve_run` against the run being resumed.
       workdir: the run directory; created if needed.
       resume: require a checkpoint to resume from (an error if there is none).
+      evaluate_test: False never loads the test set (its files are not even opened) and skips
+        the final test evaluation: what a hyperparameter search needs.
+      on_epoch: called with each epoch's record (``val_accuracy`` among its keys) after the
+        epoch's checkpoint is saved; an exception it raises (e.g. a pruned trial) stops training.
 
     Returns:
-      The final record: test loss and accuracy, best validation accuracy, wall time.
+      The final record: test loss and accuracy (None without ``evaluate_test``), best
+      validation accuracy, wall time.
     """
     t_start = time.perf_counter()
     workdir = Path(workdir)
@@ -311,7 +324,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
         RunLogger(workdir, enabled=main, progress=config.progress, tensorboard=config.tensorboard) as logger,
         Checkpoints(workdir, config.keep) as checkpoints,
     ):
-        return _train(config, workdir, mesh, logger, checkpoints, main, t_start)
+        return _train(config, workdir, mesh, logger, checkpoints, main, t_start, evaluate_test, on_epoch)
 
 
 def _train(
@@ -322,13 +335,15 @@ def _train(
     checkpoints: Checkpoints,
     main: bool,
     t_start: float,
+    evaluate_test: bool = True,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     # -- data: host arrays, then the training and validation split
     info = DATASETS[config.dataset]
-    arrays = load_dataset(config)
+    arrays = load_dataset(config, test=evaluate_test)
     config.check_against_data(len(arrays.train_images))
     train_x, train_y, val_x, val_y = split_validation(
-        arrays.train_images, arrays.train_labels, config.val_size, config.seed
+        arrays.train_images, arrays.train_labels, config.val_size, config.validation_seed
     )
     if config.train_size:
         train_x, train_y = train_x[: config.train_size], train_y[: config.train_size]
@@ -354,7 +369,7 @@ def _train(
     on_device = functools.partial(put_replicated, mesh=setup.mesh)
     train_images, train_labels = on_device(train_x), on_device(train_y.astype(np.int32))
     # Evaluation batches go to the device one at a time (see make_predict_fn).
-    val_images, test_images = val_x, arrays.test_images
+    val_images = val_x
 
     train_chunk = make_train_chunk_fn(setup, config.batch_size, steps_per_epoch)
     order_fn = jax.jit(
@@ -456,10 +471,20 @@ def _train(
                     f"in {checkpoints.root}. Resume with: jax-mnist train --workdir {workdir} --resume",
                     signum,
                 )
+            if record is not None and on_epoch is not None:
+                on_epoch(record)
 
+    if not evaluate_test:
+        return {
+            "step": step,
+            "test_loss": None,
+            "test_accuracy": None,
+            "best_val_accuracy": best_val_accuracy,
+            "wall_time_s": time.perf_counter() - t_start,
+        }
     # -- the test set, once, at the end
     test_metrics, test_logits = evaluate_arrays(
-        predict_fn, state, test_images, arrays.test_labels, info.num_classes
+        predict_fn, state, arrays.test_images, arrays.test_labels, info.num_classes
     )
     if main:
         # For reports: the test predictions, as plain arrays (np.load reads them without pickle).

@@ -9,8 +9,11 @@ from jax_mnist.data.datasets import DATASETS, Arrays, DatasetInfo, bundled_dir, 
 from jax_mnist.errors import ConfigError
 
 
-def load_dataset(config: Config) -> Arrays:
+def load_dataset(config: Config, *, test: bool = True) -> Arrays:
     """The four splits of ``config.dataset`` as uint8 host arrays, verified by checksum.
+
+    With ``test=False`` the test files are not opened at all (``test_images`` and
+    ``test_labels`` are None): a hyperparameter search cannot read the test set by mistake.
 
     ``--data-source tfds`` loads through tensorflow_datasets (from ``--tfds-data-dir``).
     Otherwise the IDX files come from ``--data-dir`` if given, from the package for MNIST, and
@@ -25,14 +28,14 @@ def load_dataset(config: Config) -> Arrays:
             )
         from jax_mnist.data.tfds_source import load_tfds
 
-        return load_tfds(info, config.tfds_data_dir)
+        return load_tfds(info, config.tfds_data_dir, test=test)
     if config.data_dir is not None:
-        return load_from_dir(info, Path(config.data_dir))
+        return load_from_dir(info, Path(config.data_dir), test=test)
     if info.bundled:
-        return load_from_dir(info, bundled_dir())
+        return load_from_dir(info, bundled_dir(), test=test)
     from jax_mnist.data.download import load_cached
 
-    return load_cached(info, config.cache_dir)
+    return load_cached(info, config.cache_dir, test=test)
 
 
 __all__ = ["DATASETS", "Arrays", "DatasetInfo", "load_dataset"]

@@ -253,12 +253,15 @@ DATASETS: dict[str, DatasetInfo] = {info.name: info for info in (MNIST, FASHION_
 
 @dataclasses.dataclass(frozen=True)
 class Arrays:
-    """A dataset's splits as host arrays: images uint8 ``[N, 28, 28]``, labels uint8 ``[N]``."""
+    """A dataset's splits as host arrays: images uint8 ``[N, 28, 28]``, labels uint8 ``[N]``.
+
+    The test arrays are None when the test set was deliberately not loaded (``test=False``).
+    """
 
     train_images: np.ndarray
     train_labels: np.ndarray
-    test_images: np.ndarray
-    test_labels: np.ndarray
+    test_images: np.ndarray | None = None
+    test_labels: np.ndarray | None = None
 
 
 def bundled_dir() -> Path:
@@ -278,7 +281,9 @@ def find_split_file(directory: Path, stem: str, info: DatasetInfo | None = None)
     )
 
 
-def load_from_dir(info: DatasetInfo, directory: Path, file_sha256: dict[str, str] | None = None) -> Arrays:
+def load_from_dir(
+    info: DatasetInfo, directory: Path, file_sha256: dict[str, str] | None = None, *, test: bool = True
+) -> Arrays:
     """Loads and verifies the four IDX files of ``info`` from ``directory``.
 
     Each file is checked against the SHA-256 of its decompressed content when the dataset has
@@ -286,12 +291,15 @@ def load_from_dir(info: DatasetInfo, directory: Path, file_sha256: dict[str, str
     ``train-images-idx3-ubyte.gz``) is checked against the download's SHA-256, and
     ``file_sha256`` (file name -> SHA-256, e.g. recorded when the cache extracted an archive)
     covers the rest. A file none of these cover is checked for its IDX structure only.
+    With ``test=False`` the two test files are neither opened nor required.
     """
     if not directory.is_dir():
         raise DataError(f"{directory}: data directory not found")
     known = {d.filename: d.sha256 for d in info.downloads} | dict(file_sha256 or {})
     arrays = {}
     for key, stem in info.split_files.items():
+        if not test and key.startswith("test_"):
+            continue
         path = find_split_file(directory, stem, info)
         content_sum = info.content_sha256.get(key)
         if content_sum is None and path.name in known:

@@ -392,10 +392,12 @@ def extract_members(archive: Path, members: tuple[str, ...], directory: Path) ->
     archive.unlink()
 
 
-def load_cached(info: DatasetInfo, cache_dir: str | Path | None = None, **fetch_options) -> Arrays:
+def load_cached(
+    info: DatasetInfo, cache_dir: str | Path | None = None, *, test: bool = True, **fetch_options
+) -> Arrays:
     """``info``'s arrays from the cache, fetching the files first if they are not there."""
     directory = fetch_dataset(info, cache_dir, **fetch_options)
-    return load_from_dir(info, directory, file_sha256=read_manifest(directory))
+    return load_from_dir(info, directory, file_sha256=read_manifest(directory), test=test)
 
 
 def describe(cache_dir: str | Path | None = None) -> list[dict]:

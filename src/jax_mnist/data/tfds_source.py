@@ -85,7 +85,7 @@ def _read_split(tfds, builder, split: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(images, np.uint8).reshape(len(labels), 28, 28), np.asarray(labels).astype(np.uint8)
 
 
-def load_tfds(info: DatasetInfo, data_dir: str | None = None) -> Arrays:
+def load_tfds(info: DatasetInfo, data_dir: str | None = None, *, test: bool = True) -> Arrays:
     """Loads ``info``'s train and test splits through tensorflow_datasets, in IDX order.
 
     Args:
@@ -104,7 +104,8 @@ def load_tfds(info: DatasetInfo, data_dir: str | None = None) -> Arrays:
         builder = tfds.builder(info.tfds_name, data_dir=data_dir)
         if not builder.is_prepared():
             builder.download_and_prepare()
-        splits = {split: _read_split(tfds, builder, split) for split in ("train", "test")}
+        names = ("train", "test") if test else ("train",)  # test=False: the test split is never read
+        splits = {split: _read_split(tfds, builder, split) for split in names}
     except ImportError as e:
         raise UserError(
             f"tensorflow_datasets could not load {info.tfds_name} ({e}); "
@@ -123,6 +124,6 @@ def load_tfds(info: DatasetInfo, data_dir: str | None = None) -> Arrays:
                 )
         arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
     if info.transpose:
-        for key in ("train_images", "test_images"):
+        for key in [k for k in ("train_images", "test_images") if k in arrays]:
             arrays[key] = np.ascontiguousarray(arrays[key].transpose(0, 2, 1))
     return Arrays(**arrays)

@@ -1,0 +1,205 @@
+"""Throughput and latency of `jax-mnist serve`, with micro-batching on and off, side by side.
+
+    python benchmarks/serve_throughput.py RUN                 # 1, 8 and 32 concurrent clients
+
+Starts two real servers on 127.0.0.1 for the run's model, one batching (``--max-batch 64``,
+the default) and one not (``--max-batch 1``: every request is its own model call), and
+sends each the same load: N clients, each on its own keep-alive connection, posting PNGs of
+MNIST test digits (``POST /api/predict``, raw ``image/png`` body) one after another, as fast
+as the answers come. Each level is bounded in count and in time (``--requests``,
+``--seconds``), and the two servers take turns at each level; the table shows each server's
+best round (the least disturbed by other work). Prints predictions per second, p50 and p99
+latency, the mean batch the server formed and the mean time of one model call (from
+``/api/stats``). The clients run on the same machine as the server and take their share of
+its cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common
+import numpy as np
+
+
+def start_server(run: Path, max_batch: int, log_dir: Path) -> tuple[subprocess.Popen, int]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(log_dir / f"serve-{max_batch}.log", "w")  # noqa: SIM115 (lives as long as the server)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jax_mnist",
+            "serve",
+            str(run),
+            "--port",
+            str(port),
+            "--max-batch",
+            str(max_batch),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited: {(log_dir / f'serve-{max_batch}.log').read_text()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/model", timeout=5):
+                return process, port
+        except OSError:
+            time.sleep(0.25)
+    process.kill()
+    raise SystemExit("the server did not start within 300 s")
+
+
+def stats(port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/stats", timeout=30) as r:
+        return json.load(r)
+
+
+def load(port: int, clients: int, pngs: list[bytes], requests: int, seconds: float) -> dict:
+    """``clients`` threads post PNGs until ``requests`` answers came or ``seconds`` passed."""
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    errors = [0] * clients
+    remaining = [requests]
+    lock = threading.Lock()
+    barrier = threading.Barrier(clients + 1)
+    stop_at = [0.0]
+
+    def client(k: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        headers = {"Content-Type": "image/png"}
+        i = k
+        barrier.wait()
+        while time.perf_counter() < stop_at[0]:
+            with lock:
+                if remaining[0] <= 0:
+                    break
+                remaining[0] -= 1
+            body = pngs[i % len(pngs)]
+            i += clients
+            start = time.perf_counter()
+            connection.request("POST", "/api/predict", body=body, headers=headers)
+            response = connection.getresponse()
+            response.read()
+            latencies[k].append(time.perf_counter() - start)
+            if response.status != 200:
+                errors[k] += 1
+        connection.close()
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    before = stats(port)
+    stop_at[0] = time.perf_counter() + seconds
+    start = time.perf_counter()
+    barrier.wait()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    after = stats(port)
+    all_latencies = np.array([x for per_client in latencies for x in per_client])
+    calls = after["calls"] - before["calls"]
+    return {
+        "answers": len(all_latencies),
+        "errors": sum(errors),
+        "per_second": len(all_latencies) / elapsed,
+        "p50_ms": 1000 * float(np.percentile(all_latencies, 50)),
+        "p99_ms": 1000 * float(np.percentile(all_latencies, 99)),
+        "mean_batch": (after["images"] - before["images"]) / calls if calls else 0.0,
+        "model_ms": 1000 * (after["model_seconds"] - before["model_seconds"]) / calls if calls else 0.0,
+        "longest_call_ms": after["longest_call_ms"],
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="a run directory (e.g. of `jax-mnist train`)")
+    parser.add_argument("--clients", default="1,8,32", help="concurrency levels (default: 1,8,32)")
+    parser.add_argument("--requests", type=int, default=3000, help="answers per level and server (at most)")
+    parser.add_argument("--seconds", type=float, default=15.0, help="time per level and server (at most)")
+    parser.add_argument("--rounds", type=int, default=2, help="turns each server takes at each level")
+    args = parser.parse_args(argv)
+
+    from PIL import Image
+
+    from jax_mnist.config import Config
+    from jax_mnist.data import load_dataset
+
+    images = load_dataset(Config()).test_images[:200]
+    pngs = []
+    for image in images:
+        out = io.BytesIO()
+        Image.fromarray(image).save(out, format="PNG")
+        pngs.append(out.getvalue())
+
+    m = common.machine()
+    print(m.describe())
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (1, 5, 15 min)")
+    levels = [int(x) for x in args.clients.split(",")]
+    servers = {}
+    with tempfile.TemporaryDirectory() as log_dir:
+        try:
+            for name, max_batch in (("batched", 64), ("unbatched", 1)):
+                servers[name] = start_server(args.run, max_batch, Path(log_dir))
+            for _, port in servers.values():  # warm the connections and the code paths
+                load(port, 8, pngs, 200, 10)
+            results: dict[tuple[str, int], list[dict]] = {}
+            for clients in levels:
+                for _ in range(args.rounds):
+                    for name, (_, port) in servers.items():
+                        results.setdefault((name, clients), []).append(
+                            load(port, clients, pngs, args.requests, args.seconds)
+                        )
+        finally:
+            for process, _ in servers.values():
+                process.terminate()
+                process.wait(timeout=30)
+    print(f"load average after:  {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(
+        f"\n{'clients':>7}  {'server':<10} {'pred/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6} "
+        f"{'call ms':>8} {'answers':>8}"
+    )
+    for clients in levels:
+        row = {}
+        for name in servers:
+            runs = results[(name, clients)]
+            best = max(runs, key=lambda r: r["per_second"])  # the least disturbed round
+            row[name] = best
+            errors = sum(r["errors"] for r in runs)
+            print(
+                f"{clients:>7}  {name:<10} {best['per_second']:>8.0f} {best['p50_ms']:>8.1f} "
+                f"{best['p99_ms']:>8.1f} {best['mean_batch']:>6.1f} {best['model_ms']:>8.1f} {best['answers']:>8}"
+                + (f"  ({errors} errors)" if errors else "")
+                + (
+                    f"   rounds: {min(r['per_second'] for r in runs):.0f}-{max(r['per_second'] for r in runs):.0f}"
+                    f" pred/s, p99 {min(r['p99_ms'] for r in runs):.0f}-{max(r['p99_ms'] for r in runs):.0f} ms"
+                    if len(runs) > 1
+                    else ""
+                )
+            )
+        ratio = row["batched"]["per_second"] / row["unbatched"]["per_second"]
+        print(f"{'':>7}  batched/unbatched throughput: {ratio:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""``jax-mnist serve``: a draw-a-digit page and an HTTP API for a trained model.
+
+Needs the ``serve`` extra (FastAPI, uvicorn, python-multipart, fastapi-offline):
+``pip install 'jax-mnist[serve]'``. :func:`serve` restores the model (a run directory, or an
+exported file through :mod:`jax_mnist.export`), compiles it for every batch size the
+batcher can form, and runs the app of :func:`jax_mnist.serve.app.create_app` on uvicorn.
+"""
+
+from __future__ import annotations
+
+import gc
+import socket
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from jax_mnist.errors import ConfigError, UserError
+
+if TYPE_CHECKING:
+    from jax_mnist.serve.app import ServedModel
+
+EXTRA_HINT = "pip install 'jax-mnist[serve]'"
+
+
+def check_serve_extra() -> None:
+    """Raises a one-line UserError naming the extra when FastAPI or uvicorn is missing."""
+    try:
+        import fastapi  # noqa: F401
+        import fastapi_offline  # noqa: F401
+        import python_multipart  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"serve needs the {e.name} package: {EXTRA_HINT}") from None
+
+
+def load_served_model(path: str | Path, which: str | int | None = None, *, warn=print) -> ServedModel:
+    """The model at ``path``: a run directory (its ``which`` checkpoint, default best) or an
+    exported model file (read by ``jax_mnist.export.load_exported``)."""
+    path = Path(path)
+    if path.is_dir():
+        from jax_mnist.inference import load_model
+
+        return load_model(path, "best" if which is None else which, warn=warn)
+    if not path.exists():
+        raise UserError(f"{path}: no such run directory or exported model file")
+    if which is not None:
+        raise ConfigError(
+            "--checkpoint", f"chooses a checkpoint of a run directory; {path} is an exported file"
+        )
+    try:
+        from jax_mnist.export import load_exported
+    except ImportError as e:
+        raise UserError(f"{path}: serving an exported model file needs the export support ({e})") from None
+    return load_exported(path)
+
+
+def serve(
+    path: str | Path,
+    *,
+    which: str | int | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch: int = 64,
+    max_wait_ms: float = 5.0,
+    warn=print,
+) -> None:
+    """Serves the model at ``path`` on ``host:port`` until interrupted (Ctrl-C, SIGTERM)."""
+    check_serve_extra()
+    if max_batch < 1:
+        raise ConfigError("--max-batch", f"must be at least 1, got {max_batch}")
+    if not 0 <= max_wait_ms <= 1000:
+        raise ConfigError("--max-wait-ms", f"must be between 0 and 1000, got {max_wait_ms}")
+    import numpy as np
+    import uvicorn
+
+    from jax_mnist.serve.app import create_app
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:  # bound here, first, so a taken port is one line at once, not a log record from uvicorn
+        sock = socket.create_server((host, port), family=family)
+    except OSError as e:
+        raise UserError(f"--host/--port: cannot listen on {host}:{port} ({e.strerror or e})") from None
+    try:
+        model = load_served_model(path, which, warn=warn)
+        # Compile every batch shape the batcher can hand the model (predict_logits pads to
+        # powers of two) before the first request, so no request waits for a compilation.
+        size = 1
+        while size < 2 * max_batch:
+            model.predict_logits(np.zeros((min(size, max_batch), 28, 28), np.float32))
+            size *= 2
+    except BaseException:
+        sock.close()
+        raise
+    app = create_app(model, max_batch=max_batch, max_wait=max_wait_ms / 1000)
+    info = model.describe()
+    accuracy = info.get("test_accuracy")
+    bound_port = sock.getsockname()[1]
+    shown_host = f"[{host}]" if ":" in host else host
+    print(
+        f"serving {info.get('model')} ({info.get('parameters') or 0:,} parameters"
+        + (f", {100 * accuracy:.2f}% test accuracy" if accuracy is not None else "")
+        + f") from {path} on http://{shown_host}:{bound_port}/ (Ctrl-C stops)",
+        flush=True,
+    )
+    # The event loop runs Python most of the time under load; the model's thread, back from
+    # XLA, waits for the GIL until the loop is made to hand it over (every 5 ms by default).
+    # Handing over every 0.5 ms gave 30% more predictions per second at 32 clients here.
+    sys.setswitchinterval(0.0005)
+    # The objects made so far (JAX, the model, the app) live as long as the server: out of
+    # the garbage collector's sight, its full collections no longer stall every request in
+    # flight (p99 latency at 32 clients fell by a third here).
+    gc.collect()
+    gc.freeze()
+    config = uvicorn.Config(app, access_log=False, log_level="warning", timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])

@@ -1,0 +1,359 @@
+"""The HTTP app: a draw-a-digit page, ``POST /api/predict``, ``GET /api/model`` and ``/api/stats``.
+
+:func:`create_app` takes a model that is already restored (a run's
+:class:`~jax_mnist.inference.InferenceModel` or an exported one: anything with the
+:class:`ServedModel` protocol). Each request's images are brought to MNIST's form by the
+same functions as ``jax-mnist predict`` (:func:`~jax_mnist.predict.decode_image`,
+:func:`~jax_mnist.predict.to_mnist_form`), in a thread so a large image never holds up the
+event loop; the model call is shared by concurrent requests through the
+:class:`~jax_mnist.serve.batcher.MicroBatcher`. Bad input of any kind is answered with a 4xx
+and ``{"error": "..."}``; nothing a request sends can name a file on the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import io
+import json
+import struct
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any, Protocol
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
+from PIL import Image
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from jax_mnist.predict import ImageError, decode_image, prediction_records, to_mnist_form
+from jax_mnist.serve.batcher import MicroBatcher
+
+STATIC = resources.files("jax_mnist.serve") / "static"
+MAX_BODY_BYTES = 10 * 1024 * 1024
+MAX_IMAGES = 256  # per request
+# Inputs at most this large are preprocessed in the event loop (see _small_image).
+SMALL_BYTES = 64 * 1024
+SMALL_PIXELS = 300 * 300
+# A body over the limit is still read (and dropped) up to this many bytes, so the client,
+# which sends its whole body before it reads the answer, receives the 413 rather than a reset.
+DRAIN_BYTES = 256 * 1024 * 1024
+
+
+class ServedModel(Protocol):
+    """What the server needs of a model: a run's InferenceModel, or an exported model."""
+
+    @property
+    def class_names(self) -> Sequence[str]: ...
+
+    def predict_logits(self, images: np.ndarray) -> np.ndarray:
+        """Logits float32 ``[N, C]`` for uint8 or [0, 1] float images ``[N, 28, 28]``."""
+        ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+class ApiError(Exception):
+    """A request the server refuses: answered with ``status`` and ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 once it passes ``limit`` bytes (counted as it streams:
+    no more than ``limit`` bytes are kept)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+        elif size > DRAIN_BYTES:  # past the limit the rest is read and dropped, up to here
+            break
+    if size > limit:
+        raise ApiError(413, f"the request body is larger than the {limit:,} bytes accepted")
+    return b"".join(chunks)
+
+
+def _decode_upload(data: bytes, name: str) -> np.ndarray:
+    """An uploaded image file -> MNIST's form, float32 ``[1, 28, 28]``."""
+    if not data:
+        raise ApiError(400, f"{name}: the image file is empty")
+    return to_mnist_form(decode_image(io.BytesIO(data), name=name), name=name)[None]
+
+
+def _arrays_from_json(body: bytes) -> tuple[list[str], list[np.ndarray]]:
+    """``{"image": [[...]]}`` or ``{"images": [[[...]]], ...}`` -> names and 2-D arrays."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError) as e:
+        raise ApiError(400, f"malformed JSON: {e}") from None
+    if not isinstance(payload, dict) or ("image" in payload) == ("images" in payload):
+        raise ApiError(
+            400, 'expected a JSON object with "image" (a 2-D array) or "images" (a list of 2-D arrays)'
+        )
+    if "image" in payload:
+        names, values = ["image"], [payload["image"]]
+    else:
+        values = payload["images"]
+        if not isinstance(values, list) or not values:
+            raise ApiError(400, '"images": expected a non-empty list of 2-D arrays')
+        names = [f"images[{i}]" for i in range(len(values))]
+    if len(values) > MAX_IMAGES:
+        raise ApiError(400, f'"images": at most {MAX_IMAGES} images per request, got {len(values)}')
+    arrays = []
+    for name, value in zip(names, values, strict=True):
+        try:
+            array = np.asarray(value)
+        except (ValueError, TypeError):  # ragged rows
+            raise ApiError(
+                400, f"{name}: expected a 2-D array of numbers with rows of equal length"
+            ) from None
+        if array.dtype.kind not in "iuf":
+            found = {"U": "text", "b": "true/false", "O": "null or mixed values"}.get(
+                array.dtype.kind, "values"
+            )
+            raise ApiError(400, f"{name}: expected a 2-D array of numbers, found {found}")
+        if array.ndim != 2:
+            raise ApiError(400, f"{name}: expected a 2-D array [H, W], got shape {list(array.shape)}")
+        arrays.append(array)
+    return names, arrays
+
+
+def _small_image(data: bytes) -> bool:
+    """Whether an image file is small enough to preprocess in the event loop (about a
+    millisecond) rather than in a thread, whose Python code would compete with the loop."""
+    if len(data) > SMALL_BYTES:
+        return False
+    # A small file can hold a huge image: read its size from the header. PNG's is at a fixed
+    # place; other formats are opened (reading the header only), which costs more.
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        width, height = struct.unpack(">II", data[16:24])
+        return width * height <= SMALL_PIXELS
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.width * image.height <= SMALL_PIXELS
+    except Exception:  # not an image: decode_image will say so, quickly
+        return True
+
+
+def _mnist_form_all(names: list[str], arrays: list[np.ndarray]) -> np.ndarray:
+    return np.stack([to_mnist_form(a, name=n) for n, a in zip(names, arrays, strict=True)])
+
+
+async def _form_file(request: Request, body: bytes) -> tuple[str, bytes]:
+    """The first file of a multipart/form-data body already read into ``body``."""
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    form = await Request(request.scope, receive).form(max_files=1, max_fields=16)
+    try:
+        for value in form.values():
+            if not isinstance(value, str):  # an UploadFile
+                return value.filename or "upload", await value.read()
+    finally:
+        await form.close()
+    raise ApiError(
+        400, "the multipart form holds no file: send the image as a file field, e.g. -F file=@digit.png"
+    )
+
+
+def create_app(
+    model: ServedModel,
+    *,
+    max_batch: int = 64,
+    max_wait: float = 0.005,
+    max_body: int = MAX_BODY_BYTES,
+) -> FastAPI:
+    """The ASGI app serving ``model``.
+
+    Args:
+      model: an already restored model (see :class:`ServedModel`).
+      max_batch: at most this many images per model call; 1 turns batching off.
+      max_wait: seconds a batch waits for requests on their way after its first one arrived.
+      max_body: request bodies larger than this many bytes are refused with 413.
+    """
+    batcher = MicroBatcher(model.predict_logits, max_batch=max_batch, max_wait=max_wait)
+    class_names = list(model.class_names)
+    description = model.describe()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        yield
+        await batcher.close()
+
+    # FastAPI's own /docs and /redoc load Swagger UI and ReDoc from a CDN; FastAPIOffline
+    # serves the copies that the fastapi-offline package ships, so the docs work offline.
+    app = FastAPIOffline(
+        title="jax-mnist",
+        summary="Predict the digit (or garment) in an image with a trained model.",
+        version="1",
+        lifespan=lifespan,
+        static_url="/static-docs",
+    )
+    app.state.batcher = batcher
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.message)
+
+    @app.exception_handler(ImageError)
+    async def image_error(request: Request, exc: ImageError) -> JSONResponse:
+        return _error(400, str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        return _error(422, f"{where}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        # The traceback goes to the server's log (uvicorn prints it), not to the client.
+        return _error(500, f"internal error ({type(exc).__name__}); the server log has the details")
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+
+    @app.get("/api/model", summary="What model is loaded")
+    async def model_info() -> dict[str, Any]:
+        """Architecture, parameter count, source run, accuracy and class names of the model,
+        and the batching settings."""
+        return {**description, "batching": {"max_batch": max_batch, "max_wait_ms": 1000 * max_wait}}
+
+    @app.get("/api/stats", summary="How requests were batched")
+    async def stats() -> dict[str, Any]:
+        """Model calls, images and requests so far, and how many calls had each batch size."""
+        return {**batcher.stats.to_dict(), "max_batch": max_batch, "max_wait_ms": 1000 * max_wait}
+
+    @app.post(
+        "/api/predict",
+        summary="Predict the class of images",
+        openapi_extra={"requestBody": _PREDICT_BODY, "responses": _PREDICT_RESPONSES},
+    )
+    async def predict(
+        request: Request, top: int = Query(1, ge=1, le=len(class_names), description="how many best classes")
+    ) -> JSONResponse:
+        """An image file (multipart upload or the raw body with its image content type), or
+        JSON ``{"image": [[...]]}`` / ``{"images": [...]}`` of 2-D arrays of any size and
+        either polarity. Each image is brought to MNIST's form exactly as by ``jax-mnist
+        predict``; the answer has its classes, probabilities and the 28x28 image the model saw.
+        """
+        with batcher.expecting():  # a batch forming now waits for this request
+            content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            body = await read_body(request, max_body)
+            json_type = content_type == "application/json" or content_type.endswith("+json")
+            if not (
+                json_type
+                or content_type in ("multipart/form-data", "application/octet-stream")
+                or content_type.startswith("image/")
+            ):
+                raise ApiError(
+                    415,
+                    f"unsupported content type {content_type or '(none)'!r}: send an image file "
+                    "(image/png, image/jpeg, ... or multipart/form-data) or application/json",
+                )
+            if not body:
+                raise ApiError(400, "the request body is empty: send an image file or JSON")
+            form_file = await _form_file(request, body) if content_type == "multipart/form-data" else None
+            # Small inputs are preprocessed here, large ones in a thread so that they do not
+            # hold up the other requests.
+            if json_type:
+                small = len(body) <= SMALL_BYTES
+                names, arrays = (
+                    _arrays_from_json(body) if small else await asyncio.to_thread(_arrays_from_json, body)
+                )
+                work = functools.partial(_mnist_form_all, names, arrays)
+                small = len(arrays) <= 4 and sum(a.size for a in arrays) <= SMALL_PIXELS
+            else:
+                names = [form_file[0] if form_file else "image"]
+                data = form_file[1] if form_file else body
+                work = functools.partial(_decode_upload, data, names[0])
+                small = _small_image(data)
+            images = work() if small else await asyncio.to_thread(work)
+            answer = batcher.submit(images)
+        logits = await answer
+        records = prediction_records(class_names, names, logits, top=top)
+        for record, image in zip(records, images, strict=True):
+            record["image"] = np.round(image.astype(np.float64), 4).tolist()  # short decimals
+        return JSONResponse({"classes": class_names, "predictions": records})
+
+    return app
+
+
+_IMAGE_SCHEMA = {"type": "string", "format": "binary"}
+_PREDICT_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {"type": "object", "properties": {"file": _IMAGE_SCHEMA}, "required": ["file"]}
+        },
+        "image/png": {"schema": _IMAGE_SCHEMA},
+        "image/jpeg": {"schema": _IMAGE_SCHEMA},
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "image": {
+                        "type": "array",
+                        "items": {"type": "array", "items": {"type": "number"}},
+                        "description": "one grayscale image [H, W]",
+                    },
+                    "images": {
+                        "type": "array",
+                        "items": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+                        "description": f"up to {MAX_IMAGES} grayscale images, each [H, W]",
+                    },
+                },
+            },
+            "example": {"image": [[0, 0, 0], [0, 255, 0], [0, 255, 0], [0, 0, 0]]},
+        },
+    },
+}
+_ERROR = {"content": {"application/json": {"example": {"error": "image: not an image Pillow can read"}}}}
+_PREDICT_RESPONSES = {
+    "200": {
+        "description": "one prediction per image, with the 28x28 image the model saw",
+        "content": {
+            "application/json": {
+                "example": {
+                    "classes": ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"],
+                    "predictions": [
+                        {
+                            "input": "digit.png",
+                            "prediction": 7,
+                            "label": "7",
+                            "probability": 0.998,
+                            "probabilities": [0.0, 0.0, 0.001, 0.0, 0.0, 0.0, 0.0, 0.998, 0.0, 0.001],
+                            "top": [["7", 0.998]],
+                            "image": [[0.0] * 28] * 28,
+                        }
+                    ],
+                }
+            }
+        },
+    },
+    "400": {"description": "not an image, empty, blank, NaN, wrong shape, malformed JSON", **_ERROR},
+    "413": {"description": "the body is larger than the limit (10 MB)", **_ERROR},
+    "415": {"description": "a content type that is neither an image, a form nor JSON", **_ERROR},
+}
