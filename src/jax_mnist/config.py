@@ -439,8 +439,9 @@ def best() -> Config:
         weight_decay=5e-4,  # decoupled, on kernels only
         schedule="onecycle",  # warm up then anneal: the last epochs settle into a minimum
         label_smoothing=0.1,  # calibrated, less overconfident logits; helps ensembles too
-        # No weight EMA: evaluated with the live model's batch statistics, EMA weights scored at
-        # chance level on the validation split in the first epochs of this preset.
+        # No weight EMA: with its batch statistics averaged too, EMA leads early (validation
+        # 97.50% against 94.70% after one epoch of a 4-epoch trial) but not once one-cycle has
+        # annealed the rate (99.06% against 99.08% at the end); see the README's Results.
         aug_shift=2.0,  # MNIST digits vary in position, slant and size by about this much
         aug_rotate=10.0,
         aug_scale=0.1,
