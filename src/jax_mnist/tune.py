@@ -502,21 +502,6 @@ def make_objective(settings: TuneSettings, log: Callable[[str], None]):
     return objective
 
 
-def _use_compilation_cache(study_dir: Path) -> None:
-    """JAX's persistent compilation cache in ``STUDY/jax-cache``, unless the user chose one.
-
-    Trials of one architecture share their initialization and evaluation programs (only the
-    training step, with its hyperparameters as constants, compiles anew): about half of a
-    small trial's time on a CPU.
-    """
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return
-    import jax
-
-    if jax.config.jax_compilation_cache_dir is None:
-        jax.config.update("jax_compilation_cache_dir", str((study_dir / "jax-cache").resolve()))
-
-
 def run_worker(settings: TuneSettings, *, worker: int = 0, log: Callable[[str], None] = print) -> None:
     """Runs trials in this process until the study has ``settings.trials`` finished ones.
 
@@ -526,7 +511,6 @@ def run_worker(settings: TuneSettings, *, worker: int = 0, log: Callable[[str], 
     optuna = import_optuna()
     from jax_mnist.train import TrainingInterrupted
 
-    _use_compilation_cache(settings.study_dir)
     study = open_study(settings, seed_offset=worker)
     objective = make_objective(settings, log)
     while True:
