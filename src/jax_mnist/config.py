@@ -360,33 +360,45 @@ def normalize_keys(values: dict[str, Any], *, source: str) -> dict[str, Any]:
     return out
 
 
-def load_config_file(path: Path) -> dict[str, Any]:
-    """Reads a TOML or YAML config file into a dict of settings (not yet merged)."""
+def read_table_file(path: Path, *, kind: str = "config file", json_ok: bool = True) -> dict[str, Any]:
+    """Reads a TOML, YAML (or JSON) file that must hold one table; one-line errors name ``path``.
+
+    Args:
+      path: the file; its suffix says the format.
+      kind: what the file is, for messages ("config file", "space file").
+      json_ok: whether ``.json`` is accepted.
+    """
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
-        raise UserError(f"{path}: cannot read config file ({e.strerror})") from None
+        raise UserError(f"{path}: cannot read {kind} ({e.strerror})") from None
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not a valid config file: not UTF-8 text (byte {e.start})") from None
+        raise UserError(f"{path}: not a valid {kind}: not UTF-8 text (byte {e.start})") from None
     import yaml
 
+    suffixes = (".toml", ".yaml", ".yml", ".json") if json_ok else (".toml", ".yaml", ".yml")
+    if path.suffix not in suffixes:
+        raise UserError(f"{path}: {kind}s must end in {', '.join(suffixes[:-1])} or {suffixes[-1]}")
     try:
         if path.suffix == ".toml":
             values = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            values = yaml.safe_load(text) or {}
         elif path.suffix == ".json":
             values = json.loads(text)
         else:
-            raise UserError(f"{path}: config files must end in .toml, .yaml, .yml or .json")
+            values = yaml.safe_load(text) or {}
     except (tomllib.TOMLDecodeError, ValueError, yaml.YAMLError) as e:
         # JSON and TOML errors are ValueErrors; YAML's are not. One line: the first of the message.
-        raise UserError(f"{path}: not a valid config file: {e}".splitlines()[0]) from None
+        raise UserError(f"{path}: not a valid {kind}: {e}".splitlines()[0]) from None
     except RecursionError:
-        raise UserError(f"{path}: not a valid config file: nested too deeply") from None
+        raise UserError(f"{path}: not a valid {kind}: nested too deeply") from None
     if not isinstance(values, dict):
-        raise UserError(f"{path}: a config file must hold a table of settings")
-    return normalize_keys(values, source=str(path))
+        raise UserError(f"{path}: a {kind} must hold a table of settings")
+    return values
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Reads a TOML, YAML or JSON config file into a dict of settings (not yet merged)."""
+    return normalize_keys(read_table_file(path), source=str(path))
 
 
 def resolve_config(

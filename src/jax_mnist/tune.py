@@ -37,6 +37,7 @@ from jax_mnist.config import (
     field_type,
     flag_name,
     normalize_keys,
+    read_table_file,
     resolve_config,
 )
 from jax_mnist.errors import ConfigError, UserError
@@ -160,28 +161,7 @@ def default_space(model: str) -> dict[str, dict[str, Any]]:
 
 def read_space_file(path: Path) -> dict[str, Any]:
     """The raw entries of a TOML or YAML space file."""
-    import tomllib
-
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read space file ({e.strerror})") from None
-    try:
-        if path.suffix == ".toml":
-            values = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            values = yaml.safe_load(text) or {}
-        else:
-            raise UserError(f"{path}: a space file must end in .toml, .yaml or .yml")
-    except UserError:
-        raise
-    except Exception as e:  # tomllib's and PyYAML's parse errors
-        raise UserError(f"{path}: not a valid space file: {e}".splitlines()[0]) from None
-    if not isinstance(values, dict):
-        raise UserError(f"{path}: a space file must hold a table of settings, one entry per searched field")
-    return values
+    return read_table_file(path, kind="space file", json_ok=False)
 
 
 def parse_space(entries: dict[str, Any], base: Config, *, source: str) -> list[Param]:
