@@ -65,6 +65,16 @@ def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_checkpoint_flag(parser: argparse.ArgumentParser, what: str, default: str | None = "best") -> None:
+    """``--checkpoint latest|best|STEP``, checked by :func:`_checkpoint_choice` when used."""
+    parser.add_argument(
+        "--checkpoint",
+        default=default,
+        metavar="latest|best|STEP",
+        help=f"{what} (default: best by validation accuracy)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jax-mnist", description="Train and use convolutional networks on MNIST with JAX."
@@ -101,12 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         "each run, and of their ensemble (averaged probabilities) when several are given.",
     )
     evaluate.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run directories")
-    evaluate.add_argument(
-        "--checkpoint",
-        default="best",
-        metavar="latest|best|STEP",
-        help="which checkpoint of each run (default: best by validation accuracy)",
-    )
+    add_checkpoint_flag(evaluate, "which checkpoint of each run")
     evaluate.add_argument(
         "--split",
         choices=("test", "val"),
@@ -136,12 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="image files (PNG, JPEG, ...) or .npy arrays [H, W] or [N, H, W]",
     )
-    predict.add_argument(
-        "--checkpoint",
-        default="best",
-        metavar="latest|best|STEP",
-        help="which checkpoint (default: best by validation accuracy)",
-    )
+    add_checkpoint_flag(predict, "which checkpoint")
     predict.add_argument("--top", type=int, default=1, metavar="K", help="show the K most likely classes")
     predict.add_argument("--json", action="store_true", help="print JSON for scripts")
 
@@ -193,12 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="onnx|stablehlo",
         help="ONNX (ONNX Runtime) or a jax.export artifact",
     )
-    export.add_argument(
-        "--checkpoint",
-        default="best",
-        metavar="latest|best|STEP",
-        help="which checkpoint (default: best by validation accuracy)",
-    )
+    add_checkpoint_flag(export, "which checkpoint")
     export.add_argument(
         "--out",
         type=Path,
@@ -220,11 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "model", type=Path, metavar="RUN|EXPORTED_FILE", help="a run directory or an exported model file"
     )
-    serve.add_argument(
-        "--checkpoint",
-        metavar="latest|best|STEP",
-        help="which checkpoint of a run (default: best by validation accuracy)",
-    )
+    add_checkpoint_flag(serve, "which checkpoint of a run", default=None)
     serve.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)"
     )
