@@ -326,3 +326,24 @@ def test_an_interrupted_run_closes_its_files(tmp_path):
     assert Checkpoints(workdir).steps()  # it saved before stopping
     assert list(workdir.glob("events.out.tfevents.*"))
     assert _open_files_under(tmp_path) == []
+
+
+def test_tree_difference_counts_empty_fields_as_structure():
+    # A checkpoint written before a field existed (even one that holds nothing, like the EMA
+    # when it is off) has another structure: a mismatch, not damage.
+    from jax_mnist.checkpoint import tree_difference
+
+    kernel = jax.ShapeDtypeStruct((3, 2), np.float32)
+    stored = {"params": {"w": kernel}, "ema": {}}
+    assert tree_difference(stored, {"params": {"w": kernel}, "ema": {}}) is None
+    assert (
+        tree_difference(stored, {"params": {"w": kernel}, "ema": {}, "new": {}})
+        == "new: not in the checkpoint"
+    )
+    assert tree_difference(stored, {"params": {"w": kernel}}) == "ema: in the checkpoint but not in the model"
+    assert tree_difference(stored, {"params": {"w": kernel}}, partial=True) is None
+    wider = jax.ShapeDtypeStruct((3, 4), np.float32)
+    assert (
+        tree_difference(stored, {"params": {"w": wider}, "ema": {}})
+        == "params/w: stored (3, 2), expected (3, 4)"
+    )

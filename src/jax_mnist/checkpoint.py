@@ -268,11 +268,23 @@ def tree_difference(stored: Any, abstract: Any, *, partial: bool = False) -> str
       A short description such as ``params/conv1/kernel: stored (3, 3, 1, 32), expected
       (3, 3, 1, 16)``, or None when the trees fit.
     """
-    have = {_path_names(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(stored)[0]}
-    want = {_path_names(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+
+    # Empty containers (a field that holds nothing, such as the EMA when it is off) count as
+    # entries too: a checkpoint without the field has another structure and cannot restore.
+    def entries(tree):
+        leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, dict) and not x)[
+            0
+        ]
+        return {_path_names(p): leaf for p, leaf in leaves}
+
+    have, want = entries(stored), entries(abstract)
     for name, leaf in want.items():
         if name not in have:
             return f"{name}: not in the checkpoint"
+        if isinstance(leaf, dict) or isinstance(have[name], dict):
+            if isinstance(leaf, dict) != isinstance(have[name], dict):
+                return f"{name}: stored {'nothing' if isinstance(have[name], dict) else 'an array'} there"
+            continue
         if tuple(have[name].shape) != tuple(leaf.shape):
             return f"{name}: stored {tuple(have[name].shape)}, expected {tuple(leaf.shape)}"
         if jax.numpy.dtype(have[name].dtype) != jax.numpy.dtype(leaf.dtype):
