@@ -23,7 +23,9 @@ cut short is never taken for a checkpoint. Restoring tells two failures apart:
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -181,7 +183,7 @@ class Checkpoints:
                 stored = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
                 problem = None
             except Exception as e:  # unreadable metadata: the checkpoint is damaged
-                stored, problem = None, _first_line(e)
+                stored, problem = None, f"its array metadata cannot be read: {_first_line(e)}"
             if stored is not None:
                 difference = tree_difference(stored, abstract_state, partial=partial)
                 if difference:
@@ -207,6 +209,7 @@ class Checkpoints:
                     return restored.state, dict(restored.meta)
                 except Exception as e:
                     problem = _first_line(e)
+            _silence_reads_left_in_flight()
             warn(f"warning: checkpoint {state_dir.parent} is damaged ({problem}); trying an older one")
             if not self.read_only:
                 self._quarantine(manager, kind, step, warn)
@@ -245,6 +248,40 @@ class Checkpoints:
                 self.latest.close()
             finally:
                 self.best.close()
+
+
+def _silence_reads_left_in_flight() -> None:
+    """Keeps the reads a failed restore left in flight from printing tracebacks.
+
+    When a file of a checkpoint is damaged, Orbax gives up at the first failed read and closes
+    its event loop while TensorStore still has other reads of that checkpoint in flight. As
+    they complete, each tries to wake the closed loop (``RuntimeError: Event loop is closed``)
+    or fails in an Orbax coroutine nobody awaits any more, and Python prints each as an
+    "unraisable" traceback. Those reads are of the checkpoint already reported as damaged, so
+    nothing is lost by not printing them; every other unraisable exception still goes to the
+    hook that was there before.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_jax_mnist_silences_closed_loops", False):
+        return
+
+    def from_orbax(traceback) -> bool:
+        while traceback is not None:
+            if f"{os.sep}orbax{os.sep}" in traceback.tb_frame.f_code.co_filename:
+                return True
+            traceback = traceback.tb_next
+        return False
+
+    def hook(unraisable) -> None:
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        if from_orbax(unraisable.exc_traceback):
+            return
+        previous(unraisable)
+
+    hook._jax_mnist_silences_closed_loops = True
+    sys.unraisablehook = hook
 
 
 def _first_line(e: BaseException) -> str:
