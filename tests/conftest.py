@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from jax_mnist.config import Config
+from jax_mnist.runtime import use_deterministic_ops
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,6 +30,10 @@ atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 # matrices in TF32 (10-bit mantissa); full float32 keeps the tolerances the same on every
 # backend. XLA:CPU computes float32 in full either way (the same bits, checked).
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+# Tests train in this process, where JAX starts before the first run could ask for
+# deterministic GPU kernels (the CLI asks before JAX starts): ask here, before JAX is imported,
+# so runs in the tests are as reproducible on a GPU as the CLI's. XLA:CPU ignores the flag.
+use_deterministic_ops()
 
 
 def tiny_config(**changes) -> Config:

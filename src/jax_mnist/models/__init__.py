@@ -97,12 +97,19 @@ def flops_per_image(model: nnx.Module) -> float:
     """Forward-pass FLOPs for one 28x28 image, as XLA counts them (multiply-add = 2).
 
     Counted on the lowered program, which is not compiled; ``model`` may be abstract
-    (:func:`abstract_model`)."""
+    (:func:`abstract_model`). XLA:CPU counts, whatever the default backend: GPU backends do
+    not analyse a program before compiling it, and one count keeps ``jax-mnist models`` the
+    same on every machine."""
     graphdef, state = nnx.split(model)
 
     def forward(state, x):
         return nnx.merge(graphdef, state)(x, train=False)
 
-    x = jax.ShapeDtypeStruct((1, 28, 28, 1), jnp.float32)
-    cost = jax.jit(forward).lower(state, x).cost_analysis()
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+
+    def on_cpu(a):
+        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu)
+
+    x = on_cpu(jax.ShapeDtypeStruct((1, 28, 28, 1), jnp.float32))
+    cost = jax.jit(forward).lower(jax.tree.map(on_cpu, state), x).cost_analysis()
     return float(cost["flops"])
