@@ -1,10 +1,12 @@
 """Throughput and latency of `jax-mnist serve`, with micro-batching on and off, side by side.
 
     python benchmarks/serve_throughput.py RUN                 # 1, 8 and 32 concurrent clients
+    python benchmarks/serve_throughput.py RUN --compare engines   # JAX against ONNX Runtime
 
 Starts two real servers on 127.0.0.1 for the run's model, one batching (``--max-batch 64``,
-the default) and one not (``--max-batch 1``: every request is its own model call), and
-sends each the same load: N clients, each on its own keep-alive connection, posting PNGs of
+the default) and one not (``--max-batch 1``: every request is its own model call); with
+``--compare engines``, both batching, one with ``--engine jax`` and one with ``--engine
+onnx``. It sends each the same load: N clients, each on its own keep-alive connection, posting PNGs of
 MNIST test digits (``POST /api/predict``, raw ``image/png`` body) one after another, as fast
 as the answers come. Each level is bounded in count and in time (``--requests``,
 ``--seconds``), and the two servers take turns at each level; the table shows each server's
@@ -34,33 +36,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 import numpy as np
 
+SERVERS = {  # --compare: the two servers' names and flags
+    "batching": {"batched": ["--max-batch", "64"], "unbatched": ["--max-batch", "1"]},
+    "engines": {"jax": ["--engine", "jax"], "onnx": ["--engine", "onnx"]},
+}
 
-def start_server(run: Path, max_batch: int, log_dir: Path) -> tuple[subprocess.Popen, int]:
+
+def start_server(run: Path, name: str, flags: list[str], log_dir: Path) -> tuple[subprocess.Popen, int]:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = open(log_dir / f"serve-{max_batch}.log", "w")  # noqa: SIM115 (lives as long as the server)
+    log_path = log_dir / f"serve-{name}.log"
+    log = open(log_path, "w")  # noqa: SIM115 (lives as long as the server)
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "jax_mnist",
-            "serve",
-            str(run),
-            "--port",
-            str(port),
-            "--max-batch",
-            str(max_batch),
-        ],
+        [sys.executable, "-m", "jax_mnist", "serve", str(run), "--port", str(port), *flags],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"the server exited: {(log_dir / f'serve-{max_batch}.log').read_text()}")
+            raise SystemExit(f"the server exited: {log_path.read_text()}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/model", timeout=5):
                 return process, port
@@ -137,6 +135,12 @@ def main(argv=None) -> int:
     parser.add_argument("--requests", type=int, default=3000, help="answers per level and server (at most)")
     parser.add_argument("--seconds", type=float, default=15.0, help="time per level and server (at most)")
     parser.add_argument("--rounds", type=int, default=2, help="turns each server takes at each level")
+    parser.add_argument(
+        "--compare",
+        choices=tuple(SERVERS),
+        default="batching",
+        help="batching: --max-batch 64 against 1; engines: --engine jax against onnx (default: batching)",
+    )
     args = parser.parse_args(argv)
 
     from PIL import Image
@@ -158,8 +162,8 @@ def main(argv=None) -> int:
     servers = {}
     with tempfile.TemporaryDirectory() as log_dir:
         try:
-            for name, max_batch in (("batched", 64), ("unbatched", 1)):
-                servers[name] = start_server(args.run, max_batch, Path(log_dir))
+            for name, flags in SERVERS[args.compare].items():
+                servers[name] = start_server(args.run, name, flags, Path(log_dir))
             for _, port in servers.values():  # warm the connections and the code paths
                 load(port, 8, pngs, 200, 10)
             results: dict[tuple[str, int], list[dict]] = {}
@@ -196,8 +200,9 @@ def main(argv=None) -> int:
                     else ""
                 )
             )
-        ratio = row["batched"]["per_second"] / row["unbatched"]["per_second"]
-        print(f"{'':>7}  batched/unbatched throughput: {ratio:.2f}x")
+        first, second = servers
+        ratio = row[first]["per_second"] / row[second]["per_second"]
+        print(f"{'':>7}  {first}/{second} throughput: {ratio:.2f}x")
     return 0
 
 

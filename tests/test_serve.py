@@ -266,6 +266,7 @@ def test_api_model_describes_what_is_loaded(client, tiny_run, model):
     assert info["classes"] == [str(i) for i in range(10)]
     assert info["run"] == str(tiny_run) and info["test_accuracy"] == model.describe()["test_accuracy"]
     assert info["batching"] == {"max_batch": 64, "max_wait_ms": 5.0}
+    assert info["engine"] == "JAX (auto: JAX is the faster engine for cnn)"
 
 
 def test_page_and_its_assets_are_served(client):
@@ -442,6 +443,42 @@ def test_batching_off_with_max_batch_1(tiny_run, tmp_path, digits):
         server.stop()
 
 
+def test_auto_engine_is_onnx_runtime_where_it_is_faster_on_a_cpu_and_jax_elsewhere():
+    from jax_mnist.inference import untrained_model
+    from jax_mnist.serve import choose_engine
+
+    assert choose_engine(untrained_model("cnn"))[0] == "jax"
+    assert choose_engine(untrained_model("mlp"))[0] == "jax"
+    for name in ("lenet5", "vgg", "resnet"):
+        assert choose_engine(untrained_model(name))[0] == "onnx"  # JAX runs on the CPU here
+    engine, why = choose_engine(untrained_model("lenet5", dtype="bfloat16"))
+    assert engine == "jax" and "bfloat16" in why  # ONNX export needs float32
+    assert choose_engine(untrained_model("lenet5"), "jax") == ("jax", "--engine jax")
+    assert choose_engine(untrained_model("cnn"), "onnx") == ("onnx", "--engine onnx")
+
+
+def test_a_lenet5_run_is_served_by_onnx_runtime_with_the_answers_of_jax(tmp_path, digits):
+    from jax_mnist.inference import load_model
+    from jax_mnist.train import train_and_evaluate
+
+    run_dir = tmp_path / "lenet5"
+    train_and_evaluate(tiny_config(model="lenet5", epochs=1), run_dir)
+    jax_model = load_model(run_dir)
+    server = ServerProcess(run_dir, log_dir=tmp_path)
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            info = client.get("/api/model").json()
+            assert info["engine"].startswith("ONNX Runtime, converted in memory (auto:"), info
+            assert info["model"] == "lenet5" and info["run"] == str(run_dir)
+            for png in digits[2][:8]:
+                answer = client.post("/api/predict", content=png, headers={"content-type": "image/png"})
+                got = np.array(answer.json()["predictions"][0]["probabilities"])
+                np.testing.assert_allclose(got, expected_probabilities(jax_model, png), atol=1e-5)
+    finally:
+        output = server.stop()
+    assert "engine: ONNX Runtime" in output and "Traceback" not in output
+
+
 def test_serve_errors_are_one_line(tiny_run, tmp_path):
     missing = run_cli("serve", str(tmp_path / "nothing"), timeout=120)
     assert missing.returncode == 1
@@ -455,6 +492,12 @@ def test_serve_errors_are_one_line(tiny_run, tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and str(junk) in result.stderr
     assert run_cli("serve", str(tiny_run), "--max-batch", "0", timeout=120).returncode == 2
+    engine_for_a_file = run_cli("serve", str(junk), "--engine", "jax", timeout=120)
+    assert engine_for_a_file.returncode == 2
+    assert engine_for_a_file.stderr.strip() == (
+        f"jax-mnist: error: --engine: chooses how a run directory is served; {junk} runs in its "
+        "own format's runtime"
+    )
     # Without the serve extra (FastAPI made unimportable), one line names the extra.
     without = subprocess.run(
         [

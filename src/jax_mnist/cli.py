@@ -16,6 +16,7 @@ from pathlib import Path
 
 from jax_mnist.config import FIELDS, PRESETS, Config, field_type, flag_name, preset_config
 from jax_mnist.errors import ConfigError, UserError
+from jax_mnist.serve import ENGINES as SERVE_ENGINES  # the serve package imports nothing heavy
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -223,6 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=int, default=8000, help="port to listen on (default: 8000; 0: any free)"
     )
     serve.add_argument(
+        "--engine",
+        default="auto",
+        choices=SERVE_ENGINES,
+        help="what runs a run directory's model: jax, onnx (ONNX Runtime, converted in memory; "
+        "needs the export extra), or auto: ONNX Runtime for lenet5, vgg and resnet on a CPU, "
+        "where it is faster, JAX otherwise (default: auto)",
+    )
+    serve.add_argument(
         "--max-batch",
         type=int,
         default=64,
@@ -398,6 +407,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
+        engine=args.engine,
         warn=_warn,
     )
     return 0

@@ -91,7 +91,7 @@ def export_stablehlo(model, out: str | Path, *, input_dtype: str = "float32") ->
             jax.config.update(name, value)
     data = bytes(exported.serialize())
     extra = {"platforms": list(exported.platforms), "jax_version": jax.__version__}
-    return _write(Path(out), data, model, "stablehlo", input_dtype, extra)
+    return _write(Path(out), data, _sidecar(data, model, "stablehlo", input_dtype, extra))
 
 
 def _load_stablehlo(data: bytes):
@@ -117,6 +117,12 @@ def export_onnx(model, out: str | Path, *, input_dtype: str = "float32") -> Path
       The artifact's path. Its graph maps input ``images`` ``[N, 28, 28]`` to output
       ``logits`` float32 ``[N, C]``, ``N`` dynamic; opset :data:`ONNX_OPSET`.
     """
+    data, extra = _onnx_bytes(model, input_dtype)
+    return _write(Path(out), data, _sidecar(data, model, "onnx", input_dtype, extra))
+
+
+def _onnx_bytes(model, input_dtype: str) -> tuple[bytes, dict[str, Any]]:
+    """The serialized ONNX model of ``model``, checked, and what its sidecar adds for ONNX."""
     import jax
 
     onnx = _require("onnx")
@@ -129,8 +135,18 @@ def export_onnx(model, out: str | Path, *, input_dtype: str = "float32") -> Path
         closed, input_name="images", output_name="logits", doc=f"jax-mnist {model.config.model}"
     )
     onnx.checker.check_model(proto, full_check=True)
-    extra = {"opset": ONNX_OPSET, "onnx_version": onnx.__version__}
-    return _write(Path(out), proto.SerializeToString(), model, "onnx", input_dtype, extra)
+    return proto.SerializeToString(), {"opset": ONNX_OPSET, "onnx_version": onnx.__version__}
+
+
+def onnx_runtime_model(model) -> ExportedModel:
+    """``model`` converted to ONNX in memory and loaded in ONNX Runtime; nothing is written.
+
+    What ``jax-mnist serve RUN --engine onnx`` serves: the same graph as ``export --format
+    onnx`` would write, with the same contract (float32 pixels in [0, 1], normalization inside).
+    """
+    _require("onnxruntime")
+    data, extra = _onnx_bytes(model, "float32")
+    return ExportedModel(None, _sidecar(data, model, "onnx", "float32", extra), _load_onnx(data))
 
 
 def _load_onnx(data: bytes):
@@ -448,15 +464,15 @@ def _require(module: str):
         raise UserError(f"{module} is not installed; {EXTRA}") from None
 
 
-def _write(out: Path, data: bytes, model, fmt: str, input_dtype: str, extra: dict[str, Any]) -> Path:
-    """Writes the artifact and its sidecar JSON (each through a temporary file, then renamed)."""
+def _sidecar(data: bytes, model, fmt: str, input_dtype: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """What the sidecar JSON of artifact ``data`` says (``artifact``, its name, is set by _write)."""
     import hashlib
 
     description = model.describe()
-    sidecar = {
+    return {
         "format": fmt,
         "version": SIDECAR_VERSION,
-        "artifact": out.name,
+        "artifact": None,
         "sha256": hashlib.sha256(data).hexdigest(),
         "size_bytes": len(data),
         "class_names": list(model.class_names),
@@ -485,6 +501,11 @@ def _write(out: Path, data: bytes, model, fmt: str, input_dtype: str, extra: dic
         "batch_size": model.config.eval_batch_size,
         **extra,
     }
+
+
+def _write(out: Path, data: bytes, sidecar: dict[str, Any]) -> Path:
+    """Writes the artifact and its sidecar JSON (each through a temporary file, then renamed)."""
+    sidecar = {**sidecar, "artifact": out.name}
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         for path, content in (
@@ -542,7 +563,7 @@ class ExportedModel:
       meta: its sidecar JSON.
     """
 
-    path: Path
+    path: Path | None  # None: converted in memory (onnx_runtime_model)
     meta: dict[str, Any]
     _run: Callable[[np.ndarray], np.ndarray] = dataclasses.field(repr=False)
 
@@ -587,7 +608,7 @@ class ExportedModel:
         return {
             **self.meta["model"],
             "format": self.meta["format"],
-            "artifact": str(self.path),
+            "artifact": str(self.path) if self.path else None,
             "sha256": self.meta["sha256"],
             "input_dtype": self.input_dtype,
         }

@@ -20,6 +20,12 @@ if TYPE_CHECKING:
     from jax_mnist.serve.app import ServedModel
 
 EXTRA_HINT = "pip install 'jax-mnist[serve]'"
+ENGINES = ("auto", "jax", "onnx")
+# Where ONNX Runtime ran a run's model faster than jitted JAX on a CPU, at batch 1 and at
+# batch 1000 alike (benchmarks/inference_engines.py; the README has the table): LeNet-5
+# 1.5-2.8x, VGG 1.3-1.5x, ResNet 1.4-1.5x. JAX was faster for the seed CNN and, at
+# batch 1000, the MLP. On a GPU JAX runs on the GPU and ONNX Runtime (CPU) would not.
+ONNX_RUNTIME_FASTER_ON_CPU = frozenset({"lenet5", "vgg", "resnet"})
 
 
 def check_serve_extra() -> None:
@@ -33,25 +39,74 @@ def check_serve_extra() -> None:
         raise UserError(f"serve needs the {e.name} package: {EXTRA_HINT}") from None
 
 
-def load_served_model(path: str | Path, which: str | int | None = None, *, warn=print) -> ServedModel:
-    """The model at ``path``: a run directory (its ``which`` checkpoint, default best) or an
-    exported model file (read by ``jax_mnist.export.load_exported``)."""
+def _check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise ConfigError("--engine", f"must be one of {', '.join(ENGINES)}; got {engine!r}")
+
+
+def choose_engine(model, engine: str = "auto") -> tuple[str, str]:
+    """Which engine serves a run's ``model``: ``("jax" | "onnx", why)``.
+
+    ``auto`` picks ONNX Runtime where it was measured faster than JAX on a CPU
+    (:data:`ONNX_RUNTIME_FASTER_ON_CPU`), when JAX computes on the CPU, the run in float32 and
+    the ``export`` extra is installed; JAX otherwise.
+    """
+    _check_engine(engine)
+    if engine != "auto":
+        return engine, "--engine " + engine
+    import importlib.util
+
+    import jax
+
+    architecture = model.config.model
+    if architecture not in ONNX_RUNTIME_FASTER_ON_CPU:
+        return "jax", f"auto: JAX is the faster engine for {architecture}"
+    if jax.default_backend() != "cpu":
+        return "jax", f"auto: JAX runs on the {jax.default_backend()}"
+    if model.config.dtype != "float32":
+        return "jax", f"auto: ONNX export needs float32, the run computes in {model.config.dtype}"
+    if not all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime")):
+        return "jax", "auto: ONNX Runtime would be faster for it; pip install 'jax-mnist[export]'"
+    return "onnx", f"auto: ONNX Runtime is the faster engine for {architecture} on a CPU"
+
+
+def load_served_model(
+    path: str | Path, which: str | int | None = None, *, engine: str = "auto", warn=print
+) -> tuple[ServedModel, str]:
+    """The model at ``path`` and a line saying what runs it.
+
+    ``path`` is a run directory (its ``which`` checkpoint, default best; served by the engine
+    :func:`choose_engine` picks) or an exported model file (read by
+    ``jax_mnist.export.load_exported``, run by its format's runtime).
+    """
     path = Path(path)
     if path.is_dir():
         from jax_mnist.inference import load_model
 
-        return load_model(path, "best" if which is None else which, warn=warn)
+        model = load_model(path, "best" if which is None else which, warn=warn)
+        chosen, why = choose_engine(model, engine)
+        if chosen == "jax":
+            return model, f"JAX ({why})"
+        from jax_mnist.export import onnx_runtime_model
+
+        return onnx_runtime_model(model), f"ONNX Runtime, converted in memory ({why})"
     if not path.exists():
         raise UserError(f"{path}: no such run directory or exported model file")
     if which is not None:
         raise ConfigError(
             "--checkpoint", f"chooses a checkpoint of a run directory; {path} is an exported file"
         )
+    if engine != "auto":
+        raise ConfigError(
+            "--engine", f"chooses how a run directory is served; {path} runs in its own format's runtime"
+        )
     try:
         from jax_mnist.export import load_exported
     except ImportError as e:
         raise UserError(f"{path}: serving an exported model file needs the export support ({e})") from None
-    return load_exported(path)
+    model = load_exported(path)
+    runtime = "ONNX Runtime" if model.meta["format"] == "onnx" else "JAX (StableHLO)"
+    return model, f"{runtime} (the exported file's format)"
 
 
 def serve(
@@ -62,10 +117,16 @@ def serve(
     port: int = 8000,
     max_batch: int = 64,
     max_wait_ms: float = 5.0,
+    engine: str = "auto",
     warn=print,
 ) -> None:
-    """Serves the model at ``path`` on ``host:port`` until interrupted (Ctrl-C, SIGTERM)."""
+    """Serves the model at ``path`` on ``host:port`` until interrupted (Ctrl-C, SIGTERM).
+
+    ``engine`` (``auto``, ``jax``, ``onnx``) chooses what runs a run directory's model: see
+    :func:`choose_engine`.
+    """
     check_serve_extra()
+    _check_engine(engine)
     if max_batch < 1:
         raise ConfigError("--max-batch", f"must be at least 1, got {max_batch}")
     if not 0 <= max_wait_ms <= 1000:
@@ -81,7 +142,7 @@ def serve(
     except OSError as e:
         raise UserError(f"--host/--port: cannot listen on {host}:{port} ({e.strerror or e})") from None
     try:
-        model = load_served_model(path, which, warn=warn)
+        model, engine_line = load_served_model(path, which, engine=engine, warn=warn)
         # Compile every batch shape the batcher can hand the model (predict_logits pads to
         # powers of two) before the first request, so no request waits for a compilation.
         size = 1
@@ -91,7 +152,7 @@ def serve(
     except BaseException:
         sock.close()
         raise
-    app = create_app(model, max_batch=max_batch, max_wait=max_wait_ms / 1000)
+    app = create_app(model, max_batch=max_batch, max_wait=max_wait_ms / 1000, engine=engine_line)
     info = model.describe()
     accuracy = info.get("test_accuracy")
     bound_port = sock.getsockname()[1]
@@ -99,7 +160,8 @@ def serve(
     print(
         f"serving {info.get('model')} ({info.get('parameters') or 0:,} parameters"
         + (f", {100 * accuracy:.2f}% test accuracy" if accuracy is not None else "")
-        + f") from {path} on http://{shown_host}:{bound_port}/ (Ctrl-C stops)",
+        + f") from {path} on http://{shown_host}:{bound_port}/ (Ctrl-C stops)\n"
+        + f"engine: {engine_line}",
         flush=True,
     )
     # The event loop runs Python most of the time under load; the model's thread, back from

@@ -176,6 +176,7 @@ def create_app(
     max_batch: int = 64,
     max_wait: float = 0.005,
     max_body: int = MAX_BODY_BYTES,
+    engine: str | None = None,
 ) -> FastAPI:
     """The ASGI app serving ``model``.
 
@@ -184,10 +185,11 @@ def create_app(
       max_batch: at most this many images per model call; 1 turns batching off.
       max_wait: seconds a batch waits for requests on their way after its first one arrived.
       max_body: request bodies larger than this many bytes are refused with 413.
+      engine: what runs the model, in words (``/api/model`` reports it).
     """
     batcher = MicroBatcher(model.predict_logits, max_batch=max_batch, max_wait=max_wait)
     class_names = list(model.class_names)
-    description = model.describe()
+    description = {**model.describe(), "engine": engine}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
