@@ -7,12 +7,13 @@ real subprocess runs of ``jax-mnist`` check the same cases end to end.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
-import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +32,11 @@ from jax_mnist.train import resolve_run
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def scratch() -> Path:
-    """A fresh folder per example (pytest's tmp_path is per test, not per example)."""
-    return Path(tempfile.mkdtemp(prefix="fuzz-"))
+@contextlib.contextmanager
+def scratch() -> Iterator[Path]:
+    """A fresh folder per example, removed after it (pytest's tmp_path is per test, not per example)."""
+    with tempfile.TemporaryDirectory(prefix="fuzz-") as folder:
+        yield Path(folder)
 
 
 # -- config files
@@ -99,31 +102,33 @@ def check_config_file(path: Path) -> None:
         assert str(e) and "\n" not in str(e), repr(str(e))
 
 
+def write_config(folder: Path, value, suffix: str) -> Path | None:
+    """``value`` written as ``folder/config<suffix>``; None if that format cannot express it
+    (e.g. a lone surrogate)."""
+    path = folder / f"config{suffix}"
+    try:
+        path.write_text(dump(value, suffix))
+    except (ValueError, TypeError, UnicodeEncodeError):
+        return None
+    return path
+
+
 @FUZZ
 @given(value=top_levels, suffix=st.sampled_from(SUFFIXES))
 def test_config_files_of_any_content_resolve_or_fail_in_one_line(value, suffix):
-    folder = scratch()
-    try:
-        path = folder / f"config{suffix}"
-        try:
-            path.write_text(dump(value, suffix))
-        except (ValueError, TypeError, UnicodeEncodeError):
-            return  # not expressible in that format (e.g. a lone surrogate)
-        check_config_file(path)
-    finally:
-        shutil.rmtree(folder)
+    with scratch() as folder:
+        path = write_config(folder, value, suffix)
+        if path is not None:
+            check_config_file(path)
 
 
 @FUZZ
 @given(data=st.binary(max_size=200) | st.text(max_size=200).map(str.encode), suffix=st.sampled_from(SUFFIXES))
 def test_config_files_of_any_bytes_resolve_or_fail_in_one_line(data, suffix):
-    folder = scratch()
-    try:
+    with scratch() as folder:
         path = folder / f"config{suffix}"
         path.write_bytes(data)
         check_config_file(path)
-    finally:
-        shutil.rmtree(folder)
 
 
 @settings(
@@ -131,12 +136,9 @@ def test_config_files_of_any_bytes_resolve_or_fail_in_one_line(data, suffix):
 )
 @given(value=top_levels, suffix=st.sampled_from(SUFFIXES))
 def test_train_command_with_any_config_file_fails_in_one_line(value, suffix, capsys):
-    folder = scratch()
-    try:
-        path = folder / f"config{suffix}"
-        try:
-            path.write_text(dump(value, suffix))
-        except (ValueError, TypeError, UnicodeEncodeError):
+    with scratch() as folder:
+        path = write_config(folder, value, suffix)
+        if path is None:
             return
         # --batch-size 0 is always refused, so no example can start training: whatever the
         # file holds, the command ends in one line (the file's problem, or the flag's).
@@ -145,8 +147,6 @@ def test_train_command_with_any_config_file_fails_in_one_line(value, suffix, cap
         err = capsys.readouterr().err
         assert code in (1, 2) and err.startswith("jax-mnist: error: ") and err.count("\n") == 1, err
         assert not (folder / "run").exists()
-    finally:
-        shutil.rmtree(folder)
 
 
 MALFORMED = {
@@ -213,8 +213,7 @@ entries = st.lists(
 @FUZZ
 @given(tree=entries)
 def test_run_directories_with_garbage_checkpoints_resolve_or_fail_in_one_line(tree):
-    folder = scratch()
-    try:
+    with scratch() as folder:
         workdir = folder / "run"
         workdir.mkdir()
         garbage_tree(workdir, tree)
@@ -222,8 +221,6 @@ def test_run_directories_with_garbage_checkpoints_resolve_or_fail_in_one_line(tr
             resolve_run(workdir, {"epochs": 1})
         except UserError as e:
             assert "\n" not in str(e), repr(str(e))
-    finally:
-        shutil.rmtree(folder)
 
 
 def test_run_directory_paths_fail_in_one_line(tmp_path, capsys):
@@ -286,8 +283,7 @@ inputs = st.one_of(
 @given(case=inputs)
 def test_predict_inputs_decode_or_fail_in_one_line(case):
     data, suffix = case
-    folder = scratch()
-    try:
+    with scratch() as folder:
         path = folder / f"input{suffix}"
         path.write_bytes(data)
         try:
@@ -295,8 +291,6 @@ def test_predict_inputs_decode_or_fail_in_one_line(case):
                 assert to_mnist_form(gray, name=name).shape == (28, 28)
         except UserError as e:
             assert "\n" not in str(e) and str(path) in str(e), repr(str(e))
-    finally:
-        shutil.rmtree(folder)
 
 
 @pytest.mark.parametrize("index", range(len(NPY_CASES)))
