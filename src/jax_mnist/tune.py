@@ -735,10 +735,19 @@ HISTORY, IMPORTANCES, TOP_CURVES, PAGE = "history.png", "importances.png", "top_
 TOP = 5  # trials whose validation curves are drawn
 
 
-def plot_history(rows: list[dict[str, Any]]):
-    """Validation accuracy of each trial in order, and the best so far."""
+def _label_accuracy_axes(ax, xlabel: str) -> None:
+    """Validation accuracy (%) against whole numbers of ``xlabel`` (trials or epochs)."""
     from matplotlib.ticker import MaxNLocator
 
+    ax.set_xlabel(xlabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("validation accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
+def plot_history(rows: list[dict[str, Any]]):
+    """Validation accuracy of each trial in order, and the best so far."""
     from jax_mnist.report import _figure
 
     fig = _figure(7, 4)
@@ -756,11 +765,7 @@ def plot_history(rows: list[dict[str, Any]]):
             steps.append((r["number"], best))
     if steps:
         ax.step(*zip(*steps, strict=True), where="post", color="C1", label="best so far")
-    ax.set_xlabel("trial")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("validation accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    _label_accuracy_axes(ax, "trial")
     return fig
 
 
@@ -777,8 +782,6 @@ def plot_importances(importances: dict[str, float]):
 
 def plot_top_curves(rows: list[dict[str, Any]]):
     """Validation accuracy per epoch of the best trials (as reported to Optuna)."""
-    from matplotlib.ticker import MaxNLocator
-
     from jax_mnist.report import _figure
 
     fig = _figure(7, 4)
@@ -790,11 +793,7 @@ def plot_top_curves(rows: list[dict[str, Any]]):
             marker="o",
             label=f"trial {r['number']}",
         )
-    ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("validation accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    _label_accuracy_axes(ax, "epoch")
     return fig
 
 
