@@ -123,6 +123,17 @@ def alternate(contenders: dict[str, Callable[[], float]], rounds: int, report) -
     return results
 
 
+def print_ratio_to_best_torch(name: str, results: dict[str, list[float]]) -> None:
+    """Prints contender ``name``'s median over the fastest PyTorch contender's, and per round."""
+    medians = {k: median(v) for k, v in results.items()}
+    best = max((k for k in medians if k.startswith("PyTorch")), key=medians.get)
+    ratios = [a / b for a, b in zip(results[name], results[best], strict=True)]
+    print(
+        f"\nratio jax-mnist / {best}: {medians[name] / medians[best]:.2f}x "
+        f"(per round: {', '.join(f'{r:.2f}' for r in ratios)})"
+    )
+
+
 def load_avg() -> str:
     try:
         with open("/proc/loadavg") as f:

@@ -91,13 +91,7 @@ def main(argv=None) -> int:
     for k, v in medians.items():
         print(f"  {k:40s} {v:9.0f} images/s   {v * flops / m.peak_gflops / 1e9:6.1%} of FP32 peak")
     if torch is not None:
-        name = next(iter(contenders))
-        best = max((k for k in medians if k.startswith("PyTorch")), key=medians.get)
-        ratios = [a / b for a, b in zip(results[name], results[best], strict=True)]
-        print(
-            f"\nratio jax-mnist / {best}: {medians[name] / medians[best]:.2f}x "
-            f"(per round: {', '.join(f'{r:.2f}' for r in ratios)})"
-        )
+        common.print_ratio_to_best_torch(next(iter(contenders)), results)
     print(f"load average at the end: {common.load_avg()}")
     return 0
 

@@ -142,12 +142,7 @@ def main(argv=None) -> int:
         fraction = f"   {v * flops / (m.peak_gflops * 1e9):6.1%} of FP32 peak" if on_cpu else ""
         print(f"  {k:40s} {v:8.0f} images/s   {v * flops / 1e9:6.1f} GFLOP/s{fraction}")
     if torch is not None:
-        best_torch = max((k for k in medians if k.startswith("PyTorch")), key=medians.get)
-        ratios = [a / b for a, b in zip(results[name], results[best_torch], strict=True)]
-        print(
-            f"\nratio jax-mnist / {best_torch}: {medians[name] / medians[best_torch]:.2f}x "
-            f"(per round: {', '.join(f'{r:.2f}' for r in ratios)})"
-        )
+        common.print_ratio_to_best_torch(name, results)
     if on_cpu:
         print(
             f"fraction of FP32 peak (jax-mnist) = {medians[name]:.0f} images/s x {flops / 1e6:.1f} MFLOP / "
