@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="a draw-a-digit page and an HTTP API for a trained model",
         description="Serve a trained model: a page to draw or upload digits at /, the HTTP API "
-        "POST /api/predict and GET /api/model, its docs at /docs. Needs: pip install 'jax-mnist[serve]'.",
+        "POST /api/predict and GET /api/model, its docs at /docs; /healthz, /readyz and /metrics for "
+        "operators. Needs: pip install 'jax-mnist[serve]'.",
     )
     serve.add_argument(
         "model", type=Path, metavar="RUN|EXPORTED_FILE", help="a run directory or an exported model file"
@@ -244,6 +245,35 @@ def build_parser() -> argparse.ArgumentParser:
         default=5.0,
         metavar="MS",
         help="how long a batch waits for more requests after its first (default: 5)",
+    )
+    serve.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        metavar="N",
+        help="at most N prediction requests in the server at once; more are answered 503 with "
+        "Retry-After at once; 0: no bound (default: 256)",
+    )
+    serve.add_argument(
+        "--request-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="a prediction not answered within S seconds is answered 504; 0: no limit (default: 10)",
+    )
+    serve.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=15.0,
+        metavar="S",
+        help="on SIGTERM or Ctrl-C, stop accepting and finish the requests in flight for at most "
+        "S seconds, then exit (default: 15)",
+    )
+    serve.add_argument(
+        "--no-metrics",
+        dest="metrics",
+        action="store_false",
+        help="no GET /metrics (Prometheus) and nothing counted for it",
     )
     tune = sub.add_parser(
         "tune",
@@ -408,6 +438,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         engine=args.engine,
+        max_queue=args.max_queue,
+        request_timeout=args.request_timeout,
+        drain_timeout=args.drain_timeout,
+        metrics=args.metrics,
         warn=_warn,
     )
     return 0
@@ -449,7 +483,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from jax_mnist.report import format_runs, summarize_runs
+    from jax_mnist.runs import format_runs, summarize_runs
 
     summaries = summarize_runs(args.root)
     print(format_runs(summaries, args.root) if summaries else f"no runs under {args.root}")

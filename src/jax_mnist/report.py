@@ -1,286 +1,37 @@
-"""Reports on finished runs: figures, an HTML page, a comparison of runs, a list of runs.
+"""Reports on finished runs: the figures and an HTML page of one run, a comparison of runs.
 
-Everything here reads what a run directory holds (``config.json``, ``metrics.jsonl``,
-``test_predictions.npz``) and nothing else, so a report can be made long after training, on
-another machine, without the checkpoints. Figures are drawn with matplotlib's object API
-(``matplotlib.figure.Figure``, saved through the Agg renderer), never with pyplot, so no
-window or global figure state is involved.
+What the report reads comes from the run directory alone (:mod:`jax_mnist.runs`), so a report
+can be made long after training, on another machine, without the checkpoints. The figures are
+drawn in :mod:`jax_mnist.plots`; this module writes them and the self-contained HTML pages
+that embed them.
 """
 
 from __future__ import annotations
 
 import base64
-import dataclasses
 import datetime
 import html
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jax_mnist.config import Config
 from jax_mnist.errors import UserError
 from jax_mnist.metrics import confusion_matrix, softmax
 
+# Drawn in plots.py: _figure is also what tune.py draws its study figures with.
+from jax_mnist.plots import _figure as _figure
+from jax_mnist.plots import plot_comparison, plot_confusion, plot_curves, plot_mistakes, save_figure
+
+# Read in runs.py: re-exported, as callers (inference, the tests) import them from here.
+from jax_mnist.runs import Run, display_names, load_predictions, load_run, percent
+from jax_mnist.runs import read_metrics as read_metrics
+from jax_mnist.runs import summarize_runs as summarize_runs
+
 CURVES, CONFUSION, MISTAKES, PAGE = "curves.png", "confusion.png", "mistakes.png", "report.html"
 COMPARISON, COMPARISON_PAGE = "comparison.png", "comparison.html"
-MAX_MISTAKES = 48  # images in the gallery: the most confident mistakes first
-DPI = 100
-
-
-@dataclasses.dataclass
-class Run:
-    """What a run directory holds, read back.
-
-    Attributes:
-      path: the run directory.
-      config: its ``config.json``.
-      records: the records of its ``metrics.jsonl`` in order (empty if there is none yet).
-    """
-
-    path: Path
-    config: Config
-    records: list[dict[str, Any]]
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    @property
-    def epochs(self) -> list[dict[str, Any]]:
-        """One record per finished epoch, in order."""
-        return [r for r in self.records if r.get("kind") == "epoch"]
-
-    @property
-    def steps(self) -> list[dict[str, Any]]:
-        """The log points inside epochs (``kind: train``)."""
-        return [r for r in self.records if r.get("kind") == "train"]
-
-    @property
-    def test(self) -> dict[str, Any] | None:
-        """The final test evaluation, or None if the run has not finished."""
-        tests = [r for r in self.records if r.get("kind") == "test"]
-        return tests[-1] if tests else None
-
-    @property
-    def best_val_accuracy(self) -> float | None:
-        values = [r["val_accuracy"] for r in self.epochs if r.get("val_accuracy") is not None]
-        return max(values, default=None)
-
-
-def load_run(path: str | Path) -> Run:
-    """Reads the config and metrics of the run directory ``path``.
-
-    Raises:
-      UserError: ``path`` is not a run directory, or one of its files is unreadable.
-    """
-    path = Path(path)
-    config_path = path / "config.json"
-    if not path.is_dir():
-        raise UserError(f"{path}: no such run directory")
-    if not config_path.is_file():
-        raise UserError(f"{path}: not a run directory (no config.json)")
-    try:
-        values = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{config_path}: cannot read: {e}") from None
-    if not isinstance(values, dict):
-        raise UserError(f"{config_path}: must hold a JSON object of settings")
-    config = Config.from_dict(values, source=str(config_path))
-    return Run(path, config, read_metrics(path / "metrics.jsonl"))
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` file (none if it does not exist)."""
-    if not path.exists():
-        return []
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{number}: not a JSON record: {e}") from None
-        if not isinstance(record, dict):
-            raise UserError(f"{path}:{number}: not a JSON object")
-        records.append(record)
-    return records
-
-
-def load_predictions(run: Run) -> tuple[np.ndarray, np.ndarray] | None:
-    """Test logits ``[N, C]`` and labels ``[N]`` of a finished run, or None if it has none."""
-    path = run.path / "test_predictions.npz"
-    if not path.exists():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            logits, labels = f["logits"], f["labels"]
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"{path}: cannot read test predictions: {e}") from None
-    if logits.ndim != 2 or labels.shape != logits.shape[:1]:
-        raise UserError(f"{path}: logits {logits.shape} and labels {labels.shape} do not match")
-    return logits, labels
-
-
-# -- figures
-
-
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
-
-
-def plot_curves(run: Run):
-    """Training and validation loss and accuracy per epoch, with the logged training loss."""
-    fig = _figure(11, 4)
-    ax_loss, ax_acc = fig.subplots(1, 2)
-    epochs = run.epochs
-    x = [r["epoch"] for r in epochs]
-    if run.steps and epochs:
-        # The log points inside epochs, at fractional epochs: noisier, but they show the start.
-        steps_per_epoch = epochs[0]["step"] / epochs[0]["epoch"]
-        ax_loss.plot(
-            [r["step"] / steps_per_epoch for r in run.steps],
-            [r["loss"] for r in run.steps],
-            color="tab:blue",
-            alpha=0.3,
-            linewidth=1,
-            label="train (log points)",
-        )
-    for ax, key, scale in ((ax_loss, "loss", 1), (ax_acc, "accuracy", 100)):
-        ax.plot(x, [scale * r[f"train_{key}"] for r in epochs], "o-", color="tab:blue", label="train")
-        val = [(r["epoch"], scale * r[f"val_{key}"]) for r in epochs if r.get(f"val_{key}") is not None]
-        if val:
-            ax.plot(*zip(*val, strict=True), "o-", color="tab:orange", label="validation")
-        if run.test is not None and x:
-            ax.plot(
-                [x[-1]], [scale * run.test[f"test_{key}"]], "*", color="tab:red", markersize=12, label="test"
-            )
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(f"{key} (%)" if scale == 100 else key)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        if x:
-            ax.set_xticks(x if len(x) <= 20 else x[:: math.ceil(len(x) / 20)])
-    ax_loss.set_title("loss")
-    ax_acc.set_title("accuracy")
-    fig.suptitle(f"{run.name}: {run.config.model}, preset {run.config.preset}")
-    return fig
-
-
-def plot_confusion(matrix: np.ndarray, class_names: tuple[str, ...]):
-    """The confusion matrix: counts in each cell, colored by the share of the true class."""
-    n = len(class_names)
-    fig = _figure(max(6, 0.6 * n + 2), max(5.5, 0.6 * n + 1.5))
-    ax = fig.subplots()
-    share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(image, ax=ax, label="share of the true class")
-    for i in range(n):
-        for j in range(n):
-            if matrix[i, j]:
-                color = "white" if share[i, j] > 0.5 else "black"
-                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", color=color, fontsize=8)
-    ax.set_xticks(range(n), class_names)
-    ax.set_yticks(range(n), class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    accuracy = np.trace(matrix) / max(matrix.sum(), 1)
-    ax.set_title(f"test confusion matrix: {100 * accuracy:.2f}% correct of {matrix.sum():,}")
-    return fig
-
-
-def plot_mistakes(
-    images: np.ndarray,
-    labels: np.ndarray,
-    probabilities: np.ndarray,
-    class_names: tuple[str, ...],
-    limit: int = MAX_MISTAKES,
-):
-    """A grid of the misclassified images, the most confident mistakes first."""
-    images = images.reshape(images.shape[:3])  # [N, H, W, 1] -> [N, H, W]
-    predictions = probabilities.argmax(axis=-1)
-    wrong = np.flatnonzero(predictions != labels)
-    confidence = probabilities[wrong, predictions[wrong]]
-    shown = wrong[np.argsort(-confidence, kind="stable")][:limit]
-    # One mosaic drawn by a single imshow (48 small axes take seconds to render): each tile is
-    # a band for the labels above the image, with a margin on each side.
-    cols, (h, w), band, margin = 8, images.shape[1:3], 16, 4
-    rows = max(1, math.ceil(len(shown) / cols))
-    tile_h, tile_w = band + h + margin, w + 2 * margin
-    mosaic = np.zeros((rows * tile_h, cols * tile_w), np.uint8)
-    scale = 2.6  # screen pixels per image pixel
-    fig = _figure(cols * tile_w * scale / DPI, rows * tile_h * scale / DPI + 0.4)
-    ax = fig.subplots()
-    ax.axis("off")
-    for k, i in enumerate(shown):
-        top, left = (k // cols) * tile_h, (k % cols) * tile_w
-        mosaic[top + band : top + band + h, left + margin : left + margin + w] = images[i]
-        p = predictions[i]
-        ax.text(
-            left + tile_w / 2,
-            top + band - 1,
-            f"true {class_names[labels[i]]}\npred {class_names[p]} ({probabilities[i, p]:.0%})",
-            ha="center",
-            va="bottom",
-            fontsize=7,
-            color="tab:red",
-        )
-    ax.imshow(mosaic, cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
-    title = f"{len(wrong):,} of {len(labels):,} test images misclassified"
-    if len(wrong) > len(shown):
-        title += f"; the {len(shown)} most confident mistakes"
-    fig.suptitle(title if len(wrong) else "no test image misclassified", fontsize=10)
-    return fig
-
-
-def plot_comparison(runs: list[Run]):
-    """Loss and accuracy per epoch of several runs on shared axes (validation solid, train dashed)."""
-    from matplotlib.ticker import MaxNLocator
-
-    fig = _figure(12, 4.5)
-    ax_loss, ax_acc = fig.subplots(1, 2)
-    names = _display_names(runs)
-    colors = [f"C{i % 10}" for i in range(len(runs))]
-    for run, name, color in zip(runs, names, colors, strict=True):
-        x = [r["epoch"] for r in run.epochs]
-        for ax, key, scale in ((ax_loss, "loss", 1), (ax_acc, "accuracy", 100)):
-            ax.plot(x, [scale * r[f"train_{key}"] for r in run.epochs], "--", color=color, alpha=0.6)
-            val = [
-                (r["epoch"], scale * r[f"val_{key}"]) for r in run.epochs if r.get(f"val_{key}") is not None
-            ]
-            if val:
-                ax.plot(*zip(*val, strict=True), "o-", color=color, label=name)
-            else:
-                ax.plot([], [], "--", color=color, label=f"{name} (train only)")
-    for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy (%)")):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(f"{title}: validation solid, training dashed")
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    return fig
-
-
-def _display_names(runs: list[Run]) -> list[str]:
-    """Directory names, or paths where two runs share a name."""
-    names = [run.name for run in runs]
-    if len(set(names)) < len(names):
-        return [str(run.path) for run in runs]
-    return names
-
-
-def save_figure(fig, path: Path) -> Path:
-    try:
-        fig.savefig(path, format="png", dpi=DPI, metadata={"Software": None})
-    except OSError as e:
-        raise UserError(f"{path}: cannot write ({e.strerror})") from None
-    return path
 
 
 def write_text(path: Path, text: str) -> Path:
@@ -363,10 +114,6 @@ figcaption { color: #555; }
 """
 
 
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f}%"
-
-
 def _number(value: Any, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -401,9 +148,9 @@ def render_run_page(run: Run, figures: list[Path], notes: list[str]) -> str:
     """The HTML page of one run: final figures, the figures, epochs and the config."""
     test, epochs = run.test, run.epochs
     summary = [
-        ("test accuracy", _percent(test and test.get("test_accuracy"))),
+        ("test accuracy", percent(test and test.get("test_accuracy"))),
         ("test loss", _number(test and test.get("test_loss"))),
-        ("best validation accuracy", _percent(run.best_val_accuracy)),
+        ("best validation accuracy", percent(run.best_val_accuracy)),
         ("epochs", f"{len(epochs)} of {run.config.epochs}"),
         ("steps", str(epochs[-1]["step"]) if epochs else "-"),
         ("training time", f"{sum(r['epoch_time_s'] for r in epochs):.1f} s"),
@@ -420,9 +167,9 @@ def render_run_page(run: Run, figures: list[Path], notes: list[str]) -> str:
             for v in (
                 r["epoch"],
                 _number(r["train_loss"]),
-                _percent(r["train_accuracy"]),
+                percent(r["train_accuracy"]),
                 _number(r.get("val_loss")),
-                _percent(r.get("val_accuracy")),
+                percent(r.get("val_accuracy")),
                 f"{r['epoch_time_s']:.1f} s",
                 f"{r['images_per_s']:,.0f}",
             )
@@ -490,7 +237,7 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path | None = None) -> l
         for h in ("run", "model", "preset", "epochs", "best val acc", "test acc", "test loss", "report")
     )
     rows = []
-    for run, name in zip(runs, _display_names(runs), strict=True):
+    for run, name in zip(runs, display_names(runs), strict=True):
         test = run.test or {}
         report = run.path / PAGE
         link = f'<a href="{html.escape(os.path.relpath(report, out))}">{PAGE}</a>' if report.exists() else "-"
@@ -499,8 +246,8 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path | None = None) -> l
             html.escape(run.config.model),
             html.escape(run.config.preset),
             f"{len(run.epochs)} of {run.config.epochs}",
-            _percent(run.best_val_accuracy),
-            _percent(test.get("test_accuracy")),
+            percent(run.best_val_accuracy),
+            percent(test.get("test_accuracy")),
             _number(test.get("test_loss")),
             link,
         ]
@@ -509,89 +256,3 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path | None = None) -> l
     page = out / COMPARISON_PAGE
     write_text(page, _page(f"jax-mnist: {len(runs)} runs compared", body))
     return [chart, page]
-
-
-# -- the list of runs
-
-
-@dataclasses.dataclass
-class RunSummary:
-    """One line of ``jax-mnist runs``."""
-
-    path: Path
-    model: str = "?"
-    preset: str = "?"
-    epochs_done: int = 0
-    epochs: int = 0
-    best_val_accuracy: float | None = None
-    test_accuracy: float | None = None
-    problem: str | None = None
-
-
-def find_runs(root: str | Path) -> list[Path]:
-    """The run directories (holding a ``config.json``) under ``root``, in name order.
-
-    A run's own subdirectories (checkpoints) are not searched.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"{root}: no such directory (runs go under runs/ unless --workdir says otherwise)")
-    found = []
-    for directory, subdirs, files in os.walk(root):
-        if "config.json" in files:
-            found.append(Path(directory))
-            subdirs.clear()
-        else:
-            subdirs.sort()
-    return sorted(found)
-
-
-def summarize_runs(root: str | Path) -> list[RunSummary]:
-    """A summary of each run under ``root``; an unreadable run says why instead of failing."""
-    summaries = []
-    for path in find_runs(root):
-        try:
-            run = load_run(path)
-        except UserError as e:
-            summaries.append(RunSummary(path, problem=str(e)))
-            continue
-        test = run.test
-        summaries.append(
-            RunSummary(
-                path,
-                model=run.config.model,
-                preset=run.config.preset,
-                epochs_done=len(run.epochs),
-                epochs=run.config.epochs,
-                best_val_accuracy=run.best_val_accuracy,
-                test_accuracy=test.get("test_accuracy") if test else None,
-            )
-        )
-    return summaries
-
-
-def format_runs(summaries: list[RunSummary], root: str | Path) -> str:
-    """The table ``jax-mnist runs`` prints: one run a line, paths relative to ``root``."""
-    header = ("run", "model", "preset", "epochs", "best val acc", "test acc")
-    rows = []
-    for s in summaries:
-        name = os.path.relpath(s.path, root)
-        if s.problem:
-            rows.append((name, "?", "?", "?", "?", s.problem))
-            continue
-        rows.append(
-            (
-                name,
-                s.model,
-                s.preset,
-                f"{s.epochs_done}/{s.epochs}",
-                _percent(s.best_val_accuracy),
-                _percent(s.test_accuracy),
-            )
-        )
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
-    lines = []
-    for r in [header, *rows]:
-        cells = [c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False))]
-        lines.append("  ".join([*cells, r[-1].rjust(max(len(header[-1]), 8))]).rstrip())
-    return "\n".join(lines)
