@@ -1,9 +1,11 @@
 """``jax-mnist serve``: a draw-a-digit page and an HTTP API for a trained model.
 
-Needs the ``serve`` extra (FastAPI, uvicorn, python-multipart, fastapi-offline):
-``pip install 'jax-mnist[serve]'``. :func:`serve` restores the model (a run directory, or an
-exported file through :mod:`jax_mnist.export`), compiles it for every batch size the
-batcher can form, and runs the app of :func:`jax_mnist.serve.app.create_app` on uvicorn.
+Needs the ``serve`` extra (FastAPI, uvicorn, python-multipart, fastapi-offline,
+prometheus-client): ``pip install 'jax-mnist[serve]'``. :func:`serve` restores the model (a
+run directory, or an exported file through :mod:`jax_mnist.export`) and runs the app of
+:func:`jax_mnist.serve.app.create_app` on uvicorn, which compiles it for every batch size the
+batcher can form before it reports ready. On SIGTERM or SIGINT it stops accepting, finishes
+the requests in flight (for at most ``drain_timeout`` seconds) and returns.
 """
 
 from __future__ import annotations
@@ -28,15 +30,21 @@ ENGINES = ("auto", "jax", "onnx")
 ONNX_RUNTIME_FASTER_ON_CPU = frozenset({"lenet5", "vgg", "resnet"})
 
 
-def check_serve_extra() -> None:
-    """Raises a one-line UserError naming the extra when FastAPI or uvicorn is missing."""
+def check_serve_extra(*, metrics: bool = False) -> None:
+    """Raises a one-line UserError naming the extra when FastAPI or uvicorn is missing (or
+    prometheus-client, when ``metrics``)."""
     try:
         import fastapi  # noqa: F401
         import fastapi_offline  # noqa: F401
         import python_multipart  # noqa: F401
         import uvicorn  # noqa: F401
+
+        if metrics:
+            import prometheus_client  # noqa: F401
     except ImportError as e:
-        raise UserError(f"serve needs the {e.name} package: {EXTRA_HINT}") from None
+        name = "prometheus-client" if e.name == "prometheus_client" else e.name
+        hint = EXTRA_HINT + (" (or --no-metrics)" if metrics and name == "prometheus-client" else "")
+        raise UserError(f"serve needs the {name} package: {hint}") from None
 
 
 def _check_engine(engine: str) -> None:
@@ -118,41 +126,70 @@ def serve(
     max_batch: int = 64,
     max_wait_ms: float = 5.0,
     engine: str = "auto",
+    max_queue: int = 256,
+    request_timeout: float = 10.0,
+    drain_timeout: float = 15.0,
+    metrics: bool = True,
     warn=print,
 ) -> None:
-    """Serves the model at ``path`` on ``host:port`` until interrupted (Ctrl-C, SIGTERM).
+    """Serves the model at ``path`` on ``host:port`` until SIGTERM or SIGINT (Ctrl-C).
 
     ``engine`` (``auto``, ``jax``, ``onnx``) chooses what runs a run directory's model: see
-    :func:`choose_engine`.
+    :func:`choose_engine`. ``max_queue``, ``request_timeout`` and ``metrics`` are
+    :func:`~jax_mnist.serve.app.create_app`'s. On a signal the server stops accepting
+    connections, finishes the requests in flight for at most ``drain_timeout`` seconds (then
+    drops the rest) and returns; a second Ctrl-C stops it at once.
     """
-    check_serve_extra()
+    check_serve_extra(metrics=metrics)
     _check_engine(engine)
     if max_batch < 1:
         raise ConfigError("--max-batch", f"must be at least 1, got {max_batch}")
     if not 0 <= max_wait_ms <= 1000:
         raise ConfigError("--max-wait-ms", f"must be between 0 and 1000, got {max_wait_ms}")
-    import numpy as np
+    if max_queue < 0:
+        raise ConfigError("--max-queue", f"must be at least 0 (0: no bound), got {max_queue}")
+    if not 0 <= request_timeout <= 3600:  # NaN fails both
+        raise ConfigError(
+            "--request-timeout", f"must be between 0 (no limit) and 3600, got {request_timeout}"
+        )
+    if not 0 <= drain_timeout <= 3600:
+        raise ConfigError("--drain-timeout", f"must be between 0 and 3600, got {drain_timeout}")
     import uvicorn
 
-    from jax_mnist.serve.app import create_app
+    from jax_mnist.serve.app import create_app, warm_up_sizes
+    from jax_mnist.serve.server import DrainingServer
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:  # bound here, first, so a taken port is one line at once, not a log record from uvicorn
-        sock = socket.create_server((host, port), family=family)
+        # uvicorn's own default backlog: connections beyond the ones being served wait here.
+        sock = socket.create_server((host, port), family=family, backlog=2048)
     except OSError as e:
         raise UserError(f"--host/--port: cannot listen on {host}:{port} ({e.strerror or e})") from None
     try:
         model, engine_line = load_served_model(path, which, engine=engine, warn=warn)
-        # Compile every batch shape the batcher can hand the model (predict_logits pads to
-        # powers of two) before the first request, so no request waits for a compilation.
-        size = 1
-        while size < 2 * max_batch:
-            model.predict_logits(np.zeros((min(size, max_batch), 28, 28), np.float32))
-            size *= 2
     except BaseException:
         sock.close()
         raise
-    app = create_app(model, max_batch=max_batch, max_wait=max_wait_ms / 1000, engine=engine_line)
+    failure: list[str] = []
+
+    def on_warm_up(seconds: float, error: str | None) -> None:
+        if error is None:
+            sizes = ", ".join(map(str, warm_up_sizes(max_batch)))
+            print(f"ready in {seconds:.1f} s (warm-up: a model call of each batch size {sizes})", flush=True)
+        else:  # a model that cannot answer zeros will not answer requests: stop
+            failure.append(error)
+            server.should_exit = True
+
+    app = create_app(
+        model,
+        max_batch=max_batch,
+        max_wait=max_wait_ms / 1000,
+        max_queue=max_queue,
+        request_timeout=request_timeout,
+        metrics=metrics,
+        engine=engine_line,
+        on_warm_up=on_warm_up,
+    )
     info = model.describe()
     accuracy = info.get("test_accuracy")
     bound_port = sock.getsockname()[1]
@@ -173,5 +210,11 @@ def serve(
     # flight (p99 latency at 32 clients fell by a third here).
     gc.collect()
     gc.freeze()
-    config = uvicorn.Config(app, access_log=False, log_level="warning", timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    config = uvicorn.Config(
+        app, access_log=False, log_level="warning", timeout_graceful_shutdown=drain_timeout
+    )
+    server = DrainingServer(config, app.state.serving, drain_timeout)
+    server.run(sockets=[sock])
+    if failure:
+        raise UserError(failure[0])
+    print("stopped", flush=True)

@@ -1,4 +1,5 @@
-"""The HTTP app: a draw-a-digit page, ``POST /api/predict``, ``GET /api/model`` and ``/api/stats``.
+"""The HTTP app: a draw-a-digit page, ``POST /api/predict``, ``GET /api/model`` and ``/api/stats``,
+and for operators ``GET /healthz``, ``/readyz`` and ``/metrics``.
 
 :func:`create_app` takes a model that is already restored (a run's
 :class:`~jax_mnist.inference.InferenceModel` or an exported one: anything with the
@@ -8,27 +9,36 @@ same functions as ``jax-mnist predict`` (:func:`~jax_mnist.predict.decode_image`
 event loop; the model call is shared by concurrent requests through the
 :class:`~jax_mnist.serve.batcher.MicroBatcher`. Bad input of any kind is answered with a 4xx
 and ``{"error": "..."}``; nothing a request sends can name a file on the server.
+
+The app warms the model up in the background once it starts (a model call at every batch
+size the batcher can form, so no request waits for a compilation); until then ``/readyz`` and
+``/api/predict`` answer 503. At most ``max_queue`` prediction requests are in the app at once
+(the next is answered 503 with ``Retry-After`` before its body is read), and each has
+``request_timeout`` seconds to be answered (504 after that).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import io
 import json
 import struct
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from importlib import resources
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from PIL import Image
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jax_mnist.predict import ImageError, decode_image, prediction_records, to_mnist_form
@@ -43,6 +53,9 @@ SMALL_PIXELS = 300 * 300
 # A body over the limit is still read (and dropped) up to this many bytes, so the client,
 # which sends its whole body before it reads the answer, receives the 413 rather than a reset.
 DRAIN_BYTES = 256 * 1024 * 1024
+# What a 503 asks a client to wait before it tries again, in seconds: a full queue empties
+# in a few model calls (milliseconds), a warm-up takes seconds; a second is a fair middle.
+RETRY_AFTER_S = 1
 
 
 class ServedModel(Protocol):
@@ -61,14 +74,26 @@ class ServedModel(Protocol):
 class ApiError(Exception):
     """A request the server refuses: answered with ``status`` and ``{"error": message}``."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+@dataclasses.dataclass
+class ServingState:
+    """Where the app stands: ``status`` is ``warming up``, then ``ready`` once the model has
+    answered its warm-up batches, ``draining`` once shutdown began, or ``failed`` (``error``
+    says why) if the warm-up failed. ``in_flight``: prediction requests in the app now."""
+
+    status: str = "warming up"
+    error: str | None = None
+    in_flight: int = 0
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -170,13 +195,27 @@ async def _form_file(request: Request, body: bytes) -> tuple[str, bytes]:
     )
 
 
+def warm_up_sizes(max_batch: int) -> list[int]:
+    """The batch sizes a warm-up runs: one of each shape ``predict_logits`` compiles (it pads a
+    batch to a power of two), up to ``max_batch``."""
+    sizes, size = [], 1
+    while size < 2 * max_batch:
+        sizes.append(min(size, max_batch))
+        size *= 2
+    return sizes
+
+
 def create_app(
     model: ServedModel,
     *,
     max_batch: int = 64,
     max_wait: float = 0.005,
     max_body: int = MAX_BODY_BYTES,
+    max_queue: int = 256,
+    request_timeout: float | None = 10.0,
+    metrics: bool = True,
     engine: str | None = None,
+    on_warm_up: Callable[[float, str | None], None] | None = None,
 ) -> FastAPI:
     """The ASGI app serving ``model``.
 
@@ -185,16 +224,64 @@ def create_app(
       max_batch: at most this many images per model call; 1 turns batching off.
       max_wait: seconds a batch waits for requests on their way after its first one arrived.
       max_body: request bodies larger than this many bytes are refused with 413.
+      max_queue: at most this many prediction requests in the app at once (from before their
+        body is read to their answer); the next is answered 503 with ``Retry-After``. 0: no bound.
+      request_timeout: seconds a prediction request has to be answered (504 after); None or 0:
+        no limit.
+      metrics: serve ``GET /metrics`` and count for it; False: neither.
       engine: what runs the model, in words (``/api/model`` reports it).
+      on_warm_up: called with the warm-up's seconds and None, or its error in one line, when
+        the warm-up ends (``serve`` prints the first and stops the server on the second).
     """
-    batcher = MicroBatcher(model.predict_logits, max_batch=max_batch, max_wait=max_wait)
     class_names = list(model.class_names)
     description = {**model.describe(), "engine": engine}
+    state = ServingState()
+    timeout = request_timeout or None
+    counted = None
+    if metrics:
+        from jax_mnist.serve.metrics import ServerMetrics
+
+        counted = ServerMetrics(
+            max_batch=max_batch,
+            max_images=MAX_IMAGES,
+            queue_depth=lambda: state.in_flight,
+            queue_limit=max_queue,
+        )
+    batcher = MicroBatcher(
+        model.predict_logits,
+        max_batch=max_batch,
+        max_wait=max_wait,
+        on_batch=counted.on_batch if counted else None,
+    )
+
+    async def warm_up() -> None:
+        start = time.perf_counter()
+        try:
+            for size in warm_up_sizes(max_batch):
+                logits = await batcher.run_alone(np.zeros((size, 28, 28), np.float32))
+                if np.shape(logits) != (size, len(class_names)) or not np.isfinite(logits).all():
+                    raise ValueError(
+                        f"a warm-up batch of {size} zero images gave logits of shape "
+                        f"{list(np.shape(logits))}, finite: {bool(np.isfinite(logits).all())}; "
+                        f"expected [{size}, {len(class_names)}], finite"
+                    )
+        except Exception as e:
+            state.status, state.error = "failed", f"the model failed its warm-up: {e}".splitlines()[0]
+        else:
+            if state.status == "warming up":
+                state.status = "ready"
+        if on_warm_up is not None:
+            on_warm_up(time.perf_counter() - start, state.error)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         batcher.start()
+        # In the background: uvicorn listens only once this function yields, and /healthz is
+        # to answer while the model compiles.
+        warming = asyncio.get_running_loop().create_task(warm_up())
         yield
+        warming.cancel()
+        await asyncio.gather(warming, return_exceptions=True)
         await batcher.close()
 
     # FastAPI's own /docs and /redoc load Swagger UI and ReDoc from a CDN; FastAPIOffline
@@ -207,10 +294,15 @@ def create_app(
         static_url="/static-docs",
     )
     app.state.batcher = batcher
+    app.state.serving = state
+    if counted is not None:
+        from jax_mnist.serve.metrics import CountRequests
+
+        app.add_middleware(CountRequests, metrics=counted)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.message)
+        return _error(exc.status, exc.message, exc.headers)
 
     @app.exception_handler(ImageError)
     async def image_error(request: Request, exc: ImageError) -> JSONResponse:
@@ -248,10 +340,47 @@ def create_app(
         """Model calls, images and requests so far, and how many calls had each batch size."""
         return {**batcher.stats.to_dict(), "max_batch": max_batch, "max_wait_ms": 1000 * max_wait}
 
+    @app.get("/healthz", summary="Whether the process is up", response_model=Status)
+    async def healthz() -> dict[str, str]:
+        """200 while the server process runs and its event loop answers; nothing else is looked at."""
+        return {"status": "ok"}
+
+    @app.get(
+        "/readyz",
+        summary="Whether the model is ready for predictions",
+        response_model=Status,
+        response_model_exclude_none=True,
+        responses={503: {"model": Status, "description": "warming up, draining or failed", **_RETRY}},
+    )
+    async def readyz() -> Any:
+        """200 once the model has answered its warm-up batches (one of each batch shape it
+        compiles); 503 while it warms up, once shutdown has begun (``draining``), or if the
+        warm-up failed (``failed``, with ``error``)."""
+        if state.status == "ready":
+            return {"status": "ready"}
+        body = {"status": state.status, **({"error": state.error} if state.error else {})}
+        return JSONResponse(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    if counted is not None:
+
+        @app.get(
+            "/metrics",
+            summary="Prometheus metrics",
+            response_class=PlainTextResponse,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+        )
+        async def prometheus_metrics() -> Response:
+            """Requests by route and status, request latency, batch sizes, model call time,
+            images predicted, queue depth and limit, in Prometheus's text format."""
+            from jax_mnist.serve.metrics import CONTENT_TYPE
+
+            return Response(counted.render(), media_type=CONTENT_TYPE)
+
     @app.post(
         "/api/predict",
         summary="Predict the class of images",
-        openapi_extra={"requestBody": _PREDICT_BODY, "responses": _PREDICT_RESPONSES},
+        openapi_extra={"requestBody": _PREDICT_BODY},
+        responses=_PREDICT_RESPONSES,
     )
     async def predict(
         request: Request, top: int = Query(1, ge=1, le=len(class_names), description="how many best classes")
@@ -261,6 +390,29 @@ def create_app(
         either polarity. Each image is brought to MNIST's form exactly as by ``jax-mnist
         predict``; the answer has its classes, probabilities and the 28x28 image the model saw.
         """
+        if state.status not in ("ready", "draining"):
+            message = state.error or "the model is warming up"
+            raise ApiError(503, f"{message}; retry later", {"Retry-After": str(RETRY_AFTER_S)})
+        if max_queue and state.in_flight >= max_queue:
+            # At once, before the body is read: an overloaded server spends nothing more on it.
+            raise ApiError(
+                503,
+                f"the server is busy: {state.in_flight} prediction requests are in it, the most "
+                f"--max-queue allows; retry after {RETRY_AFTER_S} s",
+                {"Retry-After": str(RETRY_AFTER_S)},
+            )
+        state.in_flight += 1
+        try:
+            async with asyncio.timeout(timeout):
+                return await answer(request, top)
+        except TimeoutError:
+            raise ApiError(
+                504, f"no answer within the {request_timeout:g} s the server allows a request"
+            ) from None
+        finally:
+            state.in_flight -= 1
+
+    async def answer(request: Request, top: int) -> JSONResponse:
         with batcher.expecting():  # a batch forming now waits for this request
             content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
             body = await read_body(request, max_body)
@@ -324,6 +476,8 @@ _PREDICT_BODY = {
                     "images": {
                         "type": "array",
                         "items": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+                        "minItems": 1,
+                        "maxItems": MAX_IMAGES,
                         "description": f"up to {MAX_IMAGES} grayscale images, each [H, W]",
                     },
                 },
@@ -332,9 +486,57 @@ _PREDICT_BODY = {
         },
     },
 }
-_ERROR = {"content": {"application/json": {"example": {"error": "image: not an image Pillow can read"}}}}
+
+# ---- what the answers look like (the OpenAPI schema; tests/test_serve_ops.py fuzzes against it)
+
+
+class Status(BaseModel):
+    status: str = Field(description="ok, ready, warming up, draining or failed")
+    error: str | None = Field(None, description="why the warm-up failed")
+
+
+class ErrorAnswer(BaseModel):
+    error: str = Field(description="what is wrong, in one line")
+
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+Row = Annotated[list[Annotated[float, Field(ge=0.0, le=1.0)]], Field(min_length=28, max_length=28)]
+
+
+class Prediction(BaseModel):
+    input: str = Field(description="the upload's file name, image, or images[i]")
+    prediction: int = Field(ge=0, description="the most likely class, an index into classes")
+    label: str = Field(description="its name")
+    probability: Probability
+    probabilities: list[Probability] = Field(description="one per class")
+    top: list[tuple[str, Probability]] = Field(description="the ?top= most likely: [label, probability]")
+    image: Annotated[list[Row], Field(min_length=28, max_length=28)] = Field(
+        description="the 28x28 image the model saw, white on black in [0, 1]"
+    )
+
+
+class PredictAnswer(BaseModel):
+    classes: list[str]
+    predictions: list[Prediction]
+
+
+_RETRY = {
+    "headers": {
+        "Retry-After": {
+            "description": "seconds to wait before trying again",
+            "schema": {"type": "integer", "minimum": 0},
+        }
+    }
+}
+
+
+def _refusal(description: str, **extra) -> dict:
+    return {"model": ErrorAnswer, "description": description, **extra}
+
+
 _PREDICT_RESPONSES = {
-    "200": {
+    200: {
+        "model": PredictAnswer,
         "description": "one prediction per image, with the 28x28 image the model saw",
         "content": {
             "application/json": {
@@ -355,7 +557,10 @@ _PREDICT_RESPONSES = {
             }
         },
     },
-    "400": {"description": "not an image, empty, blank, NaN, wrong shape, malformed JSON", **_ERROR},
-    "413": {"description": "the body is larger than the limit (10 MB)", **_ERROR},
-    "415": {"description": "a content type that is neither an image, a form nor JSON", **_ERROR},
+    400: _refusal("not an image, empty, blank, NaN, wrong shape, malformed JSON"),
+    413: _refusal("the body is larger than the limit (10 MB)"),
+    415: _refusal("a content type that is neither an image, a form nor JSON"),
+    422: _refusal("a query parameter out of range (?top=)"),
+    503: _refusal("the server is full (--max-queue) or the model is still warming up", **_RETRY),
+    504: _refusal("not answered within --request-timeout"),
 }

@@ -76,10 +76,17 @@ class MicroBatcher:
       max_batch: at most this many images per call (a request with more goes alone). 1 turns
         batching off: every request is its own call, with no waiting.
       max_wait: seconds a batch waits for requests on their way after its oldest one arrived.
+      on_batch: called in the event loop after each model call that answered, with its
+        images, its requests and the seconds it took (the server's metrics count them).
     """
 
     def __init__(
-        self, fn: Callable[[np.ndarray], np.ndarray], *, max_batch: int = 64, max_wait: float = 0.005
+        self,
+        fn: Callable[[np.ndarray], np.ndarray],
+        *,
+        max_batch: int = 64,
+        max_wait: float = 0.005,
+        on_batch: Callable[[int, int, float], None] | None = None,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -88,6 +95,7 @@ class MicroBatcher:
         self.fn = fn
         self.max_batch = max_batch
         self.max_wait = max_wait
+        self.on_batch = on_batch
         self.stats = BatchStats()
         self._waiting: collections.deque[_Waiting] = collections.deque()
         self._waiting_images = 0
@@ -110,6 +118,14 @@ class MicroBatcher:
         self._waiting_images += len(images)
         self._arrival.set()
         return future
+
+    async def run_alone(self, images: np.ndarray) -> np.ndarray:
+        """``fn(images)`` in the model's thread, outside the batches and the stats: the
+        server's warm-up (compiling each batch shape) runs here, before any request does."""
+        if self._worker is None:
+            self.start()
+        out, _ = await asyncio.get_running_loop().run_in_executor(self._executor, self._timed, images)
+        return out
 
     @contextlib.contextmanager
     def expecting(self) -> Iterator[None]:
@@ -175,6 +191,8 @@ class MicroBatcher:
                         item.future.set_exception(e)
                 continue
             self.stats.record(len(images), len(batch), seconds)
+            if self.on_batch is not None:
+                self.on_batch(len(images), len(batch), seconds)
             start = 0
             for item in batch:
                 if not item.future.done():  # a caller that went away is skipped
