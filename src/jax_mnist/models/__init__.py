@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -22,9 +22,6 @@ from jax_mnist.models.lenet import LeNet5
 from jax_mnist.models.mlp import MLP
 from jax_mnist.models.resnet import ResNet
 from jax_mnist.models.vgg import VGG
-
-if TYPE_CHECKING:
-    from jax_mnist.config import Config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +62,27 @@ def create_model(
     )
 
 
-def model_from_config(config: Config, num_classes: int) -> Callable[[], nnx.Module]:
+class ModelSettings(Protocol):
+    """What :func:`model_from_config` reads: a :class:`~jax_mnist.config.Config` has these.
+
+    Spelled out here so that the models need nothing from the config module (which looks the
+    model names up in :data:`MODELS` when it validates).
+    """
+
+    model: str
+    dropout: float
+    width: int
+    depth: int
+    dtype: str  # "float32" or "bfloat16"
+    seed: int
+
+
+def model_from_config(config: ModelSettings, num_classes: int) -> Callable[[], nnx.Module]:
     """A function that builds the model ``config`` describes, initialized from its seed.
 
-    Call it under ``nnx.eval_shape`` for the structure alone (no parameters are computed).
+    Training and restoring both build through this one function, so a checkpoint's structure
+    is the one its config describes. Call it under ``nnx.eval_shape`` for the structure alone
+    (no parameters are computed).
     """
     dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
     return functools.partial(
