@@ -87,11 +87,16 @@ def to_model_input(images: jax.Array, mean: float, std: float, dtype=jnp.float32
 def cross_entropy(
     logits: jax.Array, labels: jax.Array, num_classes: int, label_smoothing: float = 0.0
 ) -> jax.Array:
-    """Per-example softmax cross-entropy ``[B]`` with optional label smoothing."""
+    """Per-example softmax cross-entropy ``[B]`` with optional label smoothing.
+
+    The targets are one-hot rows (a comparison with ``arange``), never an index into the
+    logits: the gradient of indexing (``softmax_cross_entropy_with_integer_labels``) is a
+    scatter-add, which deterministic GPU kernels serialize.
+    """
     logits = logits.astype(jnp.float32)
-    if label_smoothing == 0.0:
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+    targets = jax.nn.one_hot(labels, num_classes)
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
     return optax.softmax_cross_entropy(logits, targets)
 
 
@@ -108,7 +113,8 @@ def loss_fn(
     """Mean loss over the batch, with the logits and the updated model state.
 
     Args:
-      params, model_state: the model's variables.
+      params: the model's parameters.
+      model_state: the model's other variables (batch-norm statistics).
       images: normalized float ``[B, 28, 28, 1]``.
       labels: int ``[B]``.
 

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax_mnist.models.pooling import max_pool
+
 
 class LeNet5(nnx.Module):
     """Conv(6, 5x5) - pool - Conv(16, 5x5) - pool - Dense(120) - Dense(84) - Dense.
@@ -29,8 +31,8 @@ class LeNet5(nnx.Module):
         self, x: jax.Array, *, train: bool = False, dropout_key: jax.Array | None = None
     ) -> jax.Array:
         """Maps images ``[B, 28, 28, 1]`` to logits ``[B, num_classes]``."""
-        x = nnx.max_pool(nnx.relu(self.conv1(x)), (2, 2), strides=(2, 2))  # 14x14
-        x = nnx.max_pool(nnx.relu(self.conv2(x)), (2, 2), strides=(2, 2))  # 5x5
+        x = max_pool(nnx.relu(self.conv1(x)))  # 14x14
+        x = max_pool(nnx.relu(self.conv2(x)))  # 5x5
         x = x.reshape(x.shape[0], -1)
         x = nnx.relu(self.dense2(nnx.relu(self.dense1(x))))
         return self.head(self.dropout(x, deterministic=not train, rngs=dropout_key))

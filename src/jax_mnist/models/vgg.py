@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax_mnist.models.pooling import max_pool
+
 
 class ConvBN(nnx.Module):
     """Conv(3x3, no bias) - BatchNorm - ReLU."""
@@ -52,7 +54,7 @@ class VGG(nnx.Module):
         """Maps images ``[B, 28, 28, 1]`` to logits ``[B, num_classes]``."""
         for i, stage in enumerate(self.stages):
             if i:
-                x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+                x = max_pool(x)
             for block in stage:
                 x = block(x, train)
         x = x.mean(axis=(1, 2))
