@@ -15,6 +15,9 @@ CADENCES = [
     (13, 2, 4, 3, 4),
     (7, 4, 1, 1, 3),
     (100, 2, 30, 1, 45),
+    (16, 1.5, 5, 1, 0),  # a last epoch of half the steps
+    (10, 2.25, 4, 2, 3),
+    (16, 0.25, 8, 1, 0),  # less than one epoch
 ]
 
 
@@ -23,8 +26,10 @@ CADENCES = [
 def test_chunks_cover_the_run_and_stop_where_the_host_must_act(
     spe, epochs, log_every, ckpt_epochs, ckpt_steps, start_fraction
 ):
-    total = spe * epochs
+    total = round(spe * epochs)
     start = int(start_fraction * total)
+    # Where each epoch ends: whole epochs, and the last step of a run that ends part way.
+    epoch_ends = {e * spe for e in range(1, total // spe + 1)} | {total}
     chunks = list(
         plan_chunks(
             start,
@@ -45,19 +50,17 @@ def test_chunks_cover_the_run_and_stop_where_the_host_must_act(
 
     # Log points: every log_every steps into each epoch, and each epoch's end.
     expected_logs = {
-        e * spe + p for e in range(epochs) for p in range(1, spe + 1) if p % log_every == 0 or p == spe
-    }
+        e * spe + p for e in range(total // spe + 1) for p in range(1, spe + 1) if p % log_every == 0
+    } & set(range(total + 1)) | epoch_ends
     assert {c.end for c in chunks if c.log} == {s for s in expected_logs if s > start}
     # Epoch ends, and checkpoints: by epoch cadence, by step cadence, and the last step.
-    assert {c.end for c in chunks if c.epoch_end} == {
-        e * spe for e in range(1, epochs + 1) if e * spe > start
-    }
-    expected_saves = {e * spe for e in range(1, epochs + 1) if e % ckpt_epochs == 0} | {total}
+    assert {c.end for c in chunks if c.epoch_end} == {s for s in epoch_ends if s > start}
+    expected_saves = {e * spe for e in range(1, total // spe + 1) if e % ckpt_epochs == 0} | {total}
     if ckpt_steps:
         expected_saves |= set(range(ckpt_steps, total + 1, ckpt_steps))
     assert {c.end for c in chunks if c.checkpoint} == {s for s in expected_saves if s > start}
     # No chunk runs past a point where the host must log, evaluate or save.
-    stops = expected_logs | expected_saves | {e * spe for e in range(1, epochs + 1)}
+    stops = expected_logs | expected_saves | epoch_ends
     for c in chunks:
         assert not any(c.start < s < c.end for s in stops)
 

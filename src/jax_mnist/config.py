@@ -137,7 +137,13 @@ class Config:
     )
 
     # -- optimization
-    epochs: int = option(5, "passes over the training data", min=1)
+    epochs: float = option(
+        5.0,
+        "passes over the training data; a fraction ends the run part way through the last one "
+        "(1.5: one epoch and half of the next)",
+        min=0.0,
+        min_exclusive=True,
+    )
     batch_size: int = option(128, "examples per training step (global, across all devices)", min=1)
     lr: float = option(1e-3, "peak learning rate", min=0.0, min_exclusive=True)
     optimizer: str = option(
@@ -232,6 +238,10 @@ class Config:
     def schedule_spans_run(self) -> bool:
         """Whether the learning rate at a step depends on the run's length (``epochs``)."""
         return self.schedule != "constant"
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Training steps of the whole run: ``epochs`` passes of ``steps_per_epoch``, at least one."""
+        return max(1, round(self.epochs * steps_per_epoch))
 
     @property
     def validation_seed(self) -> int:
@@ -437,7 +447,7 @@ def fast() -> Config:
     # 98.88%. At half width (convolutions of 16 and 32 channels, 3.3x fewer FLOPs) it trains
     # 2.2x faster and reaches 99.06% in 4 epochs (3 epochs: 98.92%). The whole training set
     # is used since there is nothing to select on a validation split.
-    return Config(width=16, epochs=4, schedule="onecycle", lr=3e-3, val_size=0)
+    return Config(width=16, epochs=4.0, schedule="onecycle", lr=3e-3, val_size=0)
 
 
 def best() -> Config:
@@ -445,7 +455,7 @@ def best() -> Config:
     return Config(
         model="vgg",  # 3 stages of 2 x (conv 3x3 - batch norm - ReLU), 32/64/128 channels
         dropout=0.3,
-        epochs=12,
+        epochs=12.0,
         optimizer="adamw",
         lr=3e-3,
         weight_decay=5e-4,  # decoupled, on kernels only

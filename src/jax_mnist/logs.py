@@ -103,7 +103,7 @@ class EventWriter:
 class _EpochBar:
     """A ``rich`` progress bar over one epoch: steps, images/s, loss, time left."""
 
-    def __init__(self, console, *, epoch: int, epochs: int, steps: int, done: int, batch_size: int):
+    def __init__(self, console, *, epoch: int, epochs: float, steps: int, done: int, batch_size: int):
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -114,7 +114,7 @@ class _EpochBar:
 
         self.batch_size = batch_size
         self.progress = Progress(
-            TextColumn(f"Epoch {epoch}/{epochs}"),
+            TextColumn(f"Epoch {epoch}/{epochs:g}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("steps · {task.fields[rate]} · loss {task.fields[loss]} ·"),
@@ -200,7 +200,7 @@ class RunLogger:
         else:
             print(text, file=self.stream, flush=True)
 
-    def start_epoch(self, epoch: int, *, epochs: int, steps: int, done: int = 0, batch_size: int) -> None:
+    def start_epoch(self, epoch: int, *, epochs: float, steps: int, done: int = 0, batch_size: int) -> None:
         """An epoch (1-based) of ``steps`` steps begins, ``done`` of them already run (a resume)."""
         self._epoch_first_step = (epoch - 1) * steps
         if self._console is None:

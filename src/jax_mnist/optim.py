@@ -10,7 +10,7 @@ from jax_mnist.config import Config
 
 def create_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
     """Learning rate as a function of the global step."""
-    total_steps = config.epochs * steps_per_epoch
+    total_steps = config.total_steps(steps_per_epoch)
     warmup_steps = int(config.warmup_epochs * steps_per_epoch)
     lr = config.lr
     if config.schedule == "onecycle":

@@ -21,7 +21,8 @@ class Chunk:
         step or the end of an epoch.
       epoch: the 0-based epoch it belongs to.
       log: after it, log the training loss of the steps since the last log point.
-      epoch_end: it ends its epoch: evaluate on the validation split.
+      epoch_end: it ends its epoch (or the run, part way through its last epoch): evaluate
+        on the validation split.
       checkpoint: after it, save a checkpoint (by epoch or step cadence, or at the end).
     """
 
@@ -50,18 +51,20 @@ def plan_chunks(
     """The chunks from ``start_step`` to ``total_steps``.
 
     Log points fall every ``log_every`` steps counted from the start of each epoch, and at
-    each epoch's end; checkpoints every ``checkpoint_every`` epochs, every
+    each epoch's end (the run's last step ends its epoch, a whole one or not); checkpoints every ``checkpoint_every`` epochs, every
     ``checkpoint_every_steps`` global steps (0: never), and after the last step.
     """
     step = start_step
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
-        end = min(steps_per_epoch, (position // log_every + 1) * log_every)
+        # The last epoch is shorter when the run ends part way through one (--epochs 1.5).
+        epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
+        end = min(epoch_steps, (position // log_every + 1) * log_every)
         if checkpoint_every_steps:
             next_save = (step // checkpoint_every_steps + 1) * checkpoint_every_steps
             end = min(end, next_save - epoch * steps_per_epoch)
         after = epoch * steps_per_epoch + end
-        epoch_end = end == steps_per_epoch
+        epoch_end = end == epoch_steps
         checkpoint = (
             after == total_steps
             or (epoch_end and (epoch + 1) % checkpoint_every == 0)

@@ -139,7 +139,7 @@ class RunSummary:
     model: str = "?"
     preset: str = "?"
     epochs_done: int = 0
-    epochs: int = 0
+    epochs: float = 0
     best_val_accuracy: float | None = None
     test_accuracy: float | None = None
     problem: str | None = None
@@ -201,7 +201,7 @@ def format_runs(summaries: list[RunSummary], root: str | Path) -> str:
                 name,
                 s.model,
                 s.preset,
-                f"{s.epochs_done}/{s.epochs}",
+                f"{s.epochs_done}/{s.epochs:g}",
                 percent(s.best_val_accuracy),
                 percent(s.test_accuracy),
             )

@@ -201,9 +201,9 @@ def check_resume_config(stored: Config, config: Config, workdir: Path) -> None:
     if config.epochs != stored.epochs and stored.schedule_spans_run:
         raise UserError(
             f"--epochs: {workdir} trained with a {stored.schedule} learning-rate schedule laid over "
-            f"{stored.epochs} epochs; over {config.epochs} it would have given other rates to the steps "
-            f"already taken. Resume with --epochs {stored.epochs}, or train a new run with --epochs "
-            f"{config.epochs} in another --workdir"
+            f"{stored.epochs:g} epochs; over {config.epochs:g} it would have given other rates to the "
+            f"steps already taken. Resume with --epochs {stored.epochs:g}, or train a new run with "
+            f"--epochs {config.epochs:g} in another --workdir"
         )
     differ = [
         f"{name} (stored {getattr(stored, name)!r}, given {getattr(config, name)!r})"
@@ -348,7 +348,7 @@ def _train(
     if config.train_size:
         train_x, train_y = train_x[: config.train_size], train_y[: config.train_size]
     steps_per_epoch = len(train_x) // config.batch_size
-    total_steps = config.epochs * steps_per_epoch
+    total_steps = config.total_steps(steps_per_epoch)
 
     # -- model, optimizer, state; resume from the latest checkpoint when there is one
     setup = create_setup(config, steps_per_epoch, mesh)
@@ -392,6 +392,8 @@ def _train(
     with _StopSignals() as stop:
         for chunk in chunks:
             position = chunk.start - chunk.epoch * steps_per_epoch
+            # The last epoch is shorter when the run ends part way through it.
+            epoch_steps = min(steps_per_epoch, total_steps - chunk.epoch * steps_per_epoch)
             if epoch_order is None or position == 0:
                 epoch_order = order_fn(state.data_key, chunk.epoch)
             if position == 0:
@@ -401,7 +403,7 @@ def _train(
                 logger.start_epoch(
                     chunk.epoch + 1,
                     epochs=config.epochs,
-                    steps=steps_per_epoch,
+                    steps=epoch_steps,
                     done=position,
                     batch_size=config.batch_size,
                 )
@@ -441,7 +443,7 @@ def _train(
                     val_images,
                     val_y,
                     epoch_train_time,
-                    (steps_per_epoch - epoch_start_position) * config.batch_size,
+                    (epoch_steps - epoch_start_position) * config.batch_size,
                 )
                 if record.get("val_accuracy") is not None:
                     best_val_accuracy = max(best_val_accuracy or 0.0, record["val_accuracy"])
