@@ -1,0 +1,170 @@
+"""MkDocs hooks: the parts of the docs that are generated from the code at build time.
+
+A page asks for a generated block with a marker on a line of its own:
+
+- ``<!-- generated: config-flags -->``: every field of :class:`jax_mnist.config.Config` as a
+  ``jax-mnist train`` flag, grouped as ``--help`` groups them, with its default, its allowed
+  values and its help text, all read from the dataclass and its field metadata.
+- ``<!-- generated: presets -->``: every preset of ``jax_mnist.config.PRESETS``, its docstring
+  and the settings it changes from the defaults.
+- ``<!-- generated: openapi-endpoints -->`` and ``<!-- generated: openapi-json -->``: the
+  HTTP API's routes and its OpenAPI schema, from ``create_app(...).openapi()``.
+
+The OpenAPI schema comes from the real FastAPI app, built around a model that only names its
+ten classes: the schema depends on the routes and on the number of classes (``?top=`` goes up
+to it), never on the weights, and the model is never called, so nothing is trained or restored
+and the build stays offline and fast. The schema is also published as ``openapi.json`` at the
+site's root. An unknown marker fails the build.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import re
+from typing import Any
+
+from mkdocs.exceptions import PluginError
+from mkdocs.structure.files import File
+
+MARKER = re.compile(r"^( *)<!-- generated: ([a-z-]+) -->$", re.MULTILINE)
+FLAG = re.compile(r"(?<![`\w-])(--[a-z][a-z0-9-]*)")
+
+
+# -- config flags
+
+
+def _cell(text: str) -> str:
+    """Text for a table cell: one line, pipes escaped, flags (``--seed``) as code."""
+    return FLAG.sub(r"`\1`", str(text).replace("|", "\\|").replace("\n", " "))
+
+
+def _default(field: dataclasses.Field) -> str:
+    value = field.default
+    if value is None:
+        return "not set"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"`{value}`"
+
+
+def _values(field: dataclasses.Field, kind: type) -> str:
+    meta = field.metadata
+    if meta["choices"]:
+        return ", ".join(f"`{c}`" for c in meta["choices"])
+    if kind is bool:
+        return "on / off"
+    low, high = meta["min"], meta["max"]
+    low_text = None if low is None else (f"> {low}" if meta["min_exclusive"] else f"≥ {low}")
+    if low is not None and high is not None and not meta["min_exclusive"]:
+        return f"{kind.__name__}, {low} to {high}"
+    parts = [p for p in (low_text, None if high is None else f"≤ {high}") if p]
+    return f"{kind.__name__}" + (", " + ", ".join(parts) if parts else "")
+
+
+def config_flags() -> str:
+    from jax_mnist.config import Config, field_type, flag_name
+
+    groups: dict[str, list[str]] = {}
+    for field in dataclasses.fields(Config):
+        kind = field_type(field.name)
+        flag = flag_name(field.name)
+        name = f"`{flag}` / `--no-{flag[2:]}`" if kind is bool else f"`{flag}`"
+        row = (
+            f"| {name} | `{field.name}` | {_default(field)} | {_values(field, kind)} "
+            f"| {_cell(field.metadata['help'])} |"
+        )
+        groups.setdefault(field.metadata["group"], []).append(row)
+    out = []
+    for group, rows in groups.items():
+        out += [
+            f"### {group.capitalize()}",
+            "",
+            "| flag | config file key | default | values | what it sets |",
+            "|---|---|---|---|---|",
+            *rows,
+            "",
+        ]
+    return "\n".join(out)
+
+
+# -- presets
+
+
+def presets() -> str:
+    from jax_mnist.config import PRESETS, Config, flag_name
+
+    defaults = Config()
+    out = ["| preset | what it is for | what it sets (the rest are the defaults) |", "|---|---|---|"]
+    for name, make in PRESETS.items():
+        config = make()
+        changed = [
+            f"`{flag_name(f.name)} {getattr(config, f.name)}`"
+            for f in dataclasses.fields(Config)
+            if f.name != "preset" and getattr(config, f.name) != getattr(defaults, f.name)
+        ]
+        doc = (make.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+        out.append(f"| `{name}` | {_cell(doc)} | {', '.join(changed) or 'nothing: the defaults'} |")
+    return "\n".join(out) + "\n"
+
+
+# -- the HTTP API
+
+
+class _SchemaOnlyModel:
+    """What ``create_app`` needs to describe its routes: ten class names. Never called."""
+
+    class_names = tuple(str(i) for i in range(10))
+
+    def predict_logits(self, images):
+        raise RuntimeError("the documentation's app serves no predictions")
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+
+@functools.cache
+def openapi_schema() -> dict[str, Any]:
+    from jax_mnist.serve.app import create_app
+
+    return create_app(_SchemaOnlyModel()).openapi()
+
+
+def openapi_endpoints() -> str:
+    schema = openapi_schema()
+    out = ["| method | path | what | answers |", "|---|---|---|---|"]
+    for path, operations in schema["paths"].items():
+        for method, op in operations.items():
+            answers = ", ".join(sorted(op.get("responses", {})))
+            out.append(f"| `{method.upper()}` | `{path}` | {_cell(op.get('summary', ''))} | {answers} |")
+    return "\n".join(out) + "\n"
+
+
+def openapi_json() -> str:
+    return "```json\n" + json.dumps(openapi_schema(), indent=2) + "\n```\n"
+
+
+GENERATORS = {
+    "config-flags": config_flags,
+    "presets": presets,
+    "openapi-endpoints": openapi_endpoints,
+    "openapi-json": openapi_json,
+}
+
+
+def on_page_markdown(markdown: str, page, config, files) -> str:
+    def replace(match: re.Match) -> str:
+        indent, name = match.groups()
+        if name not in GENERATORS:
+            raise PluginError(f"{page.file.src_path}: unknown generated block {name!r}")
+        return "\n".join(indent + line if line else line for line in GENERATORS[name]().splitlines())
+
+    return MARKER.sub(replace, markdown)
+
+
+def on_files(files, config):
+    files.append(
+        File.generated(config, "openapi.json", content=json.dumps(openapi_schema(), indent=2) + "\n")
+    )
+    return files
