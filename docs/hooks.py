@@ -14,7 +14,8 @@ The OpenAPI schema comes from the real FastAPI app, built around a model that on
 ten classes: the schema depends on the routes and on the number of classes (``?top=`` goes up
 to it), never on the weights, and the model is never called, so nothing is trained or restored
 and the build stays offline and fast. The schema is also published as ``openapi.json`` at the
-site's root. An unknown marker fails the build.
+site's root. An unknown marker fails the build. ``tests/test_docs.py`` checks the generators
+without MkDocs (it is imported only when the hooks run).
 """
 
 from __future__ import annotations
@@ -24,9 +25,6 @@ import functools
 import json
 import re
 from typing import Any
-
-from mkdocs.exceptions import PluginError
-from mkdocs.structure.files import File
 
 MARKER = re.compile(r"^( *)<!-- generated: ([a-z-]+) -->$", re.MULTILINE)
 FLAG = re.compile(r"(?<![`\w-])(--[a-z][a-z0-9-]*)")
@@ -154,6 +152,8 @@ GENERATORS = {
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:
+    from mkdocs.exceptions import PluginError
+
     def replace(match: re.Match) -> str:
         indent, name = match.groups()
         if name not in GENERATORS:
@@ -164,6 +164,8 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
 
 
 def on_files(files, config):
+    from mkdocs.structure.files import File
+
     files.append(
         File.generated(config, "openapi.json", content=json.dumps(openapi_schema(), indent=2) + "\n")
     )
