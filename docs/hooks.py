@@ -14,7 +14,11 @@ The OpenAPI schema comes from the real FastAPI app, built around a model that on
 ten classes: the schema depends on the routes and on the number of classes (``?top=`` goes up
 to it), never on the weights, and the model is never called, so nothing is trained or restored
 and the build stays offline and fast. The schema is also published as ``openapi.json`` at the
-site's root. An unknown marker fails the build. ``tests/test_docs.py`` checks the generators
+site's root. An unknown marker fails the build.
+
+Links from the tutorial notebook to pages (``training.md``) work in Jupyter and on GitHub as
+they are; :func:`on_page_content` turns them into the site's URLs, and a link to a page that
+does not exist fails the build (MkDocs checks the links of Markdown pages only). ``tests/test_docs.py`` checks the generators
 without MkDocs (it is imported only when the hooks run).
 """
 
@@ -23,10 +27,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import posixpath
 import re
 from typing import Any
 
 MARKER = re.compile(r"^( *)<!-- generated: ([a-z-]+) -->$", re.MULTILINE)
+NOTEBOOK_LINK = re.compile(r'href="([^":#]+\.md)(#[^"]*)?"')
 FLAG = re.compile(r"(?<![`\w-])(--[a-z][a-z0-9-]*)")
 
 
@@ -170,3 +176,20 @@ def on_files(files, config):
         File.generated(config, "openapi.json", content=json.dumps(openapi_schema(), indent=2) + "\n")
     )
     return files
+
+
+def on_page_content(html: str, page, config, files) -> str:
+    if not page.file.src_path.endswith(".ipynb"):
+        return html
+    from mkdocs.exceptions import PluginError
+
+    def link(match: re.Match) -> str:
+        path, anchor = match.group(1), match.group(2) or ""
+        target = files.get_file_from_path(
+            posixpath.normpath(posixpath.join(posixpath.dirname(page.file.src_path), path))
+        )
+        if target is None:
+            raise PluginError(f"{page.file.src_path}: a link to {path}, which is not a page of the site")
+        return f'href="{target.url_relative_to(page.file)}{anchor}"'
+
+    return NOTEBOOK_LINK.sub(link, html)
