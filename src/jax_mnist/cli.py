@@ -317,6 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--sampler-seed", type=int, default=0, metavar="S", help="seed of the sampler (default: 0)"
     )
     tune.add_argument(
+        "--cost-target",
+        type=float,
+        metavar="ACC",
+        help="also minimize the training cost (images x forward FLOPs per image) to first reach this "
+        "validation accuracy, e.g. 0.991: a two-objective search with a Pareto front (no pruning)",
+    )
+    tune.add_argument(
         "--config",
         type=Path,
         metavar="FILE",
@@ -506,6 +513,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         sampler=args.sampler,
         pruner=args.pruner,
         sampler_seed=args.sampler_seed,
+        cost_target=args.cost_target,
     )
     tune(settings)
     return 0
