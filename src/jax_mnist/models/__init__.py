@@ -21,6 +21,7 @@ from jax_mnist.models.cnn import CNN
 from jax_mnist.models.lenet import LeNet5
 from jax_mnist.models.mlp import MLP
 from jax_mnist.models.resnet import ResNet
+from jax_mnist.models.smallcnn import SmallCNN
 from jax_mnist.models.vgg import VGG
 
 
@@ -37,6 +38,10 @@ MODELS: dict[str, ModelEntry] = {
     "vgg": ModelEntry(VGG, "VGG-style, batch norm: 3 stages of --depth 3x3 convs (32, 64, 128)"),
     "resnet": ModelEntry(
         ResNet, "pre-activation ResNet, batch norm: 3 stages of --depth blocks (16, 32, 64)"
+    ),
+    "smallcnn": ModelEntry(SmallCNN, "the speed runs' CNN: conv 24 (5x5), 32 (3x3) + max-pool, dense 256"),
+    "smallcnn_bn": ModelEntry(
+        functools.partial(SmallCNN, batch_norm=True), "smallcnn with batch norm after each convolution"
     ),
 }
 
