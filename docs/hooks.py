@@ -44,13 +44,18 @@ def _cell(text: str) -> str:
     return FLAG.sub(r"`\1`", str(text).replace("|", "\\|").replace("\n", " "))
 
 
+def _value(value: Any) -> str:
+    """A setting's value as a user types it: ``5.0`` -> ``5``, ``0.0005`` stays."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _default(field: dataclasses.Field) -> str:
     value = field.default
     if value is None:
         return "not set"
     if isinstance(value, bool):
         return "on" if value else "off"
-    return f"`{value}`"
+    return f"`{_value(value)}`"
 
 
 def _values(field: dataclasses.Field, kind: type) -> str:
@@ -104,7 +109,7 @@ def presets() -> str:
     for name, make in PRESETS.items():
         config = make()
         changed = [
-            f"`{flag_name(f.name)} {getattr(config, f.name)}`"
+            f"`{flag_name(f.name)} {_value(getattr(config, f.name))}`"
             for f in dataclasses.fields(Config)
             if f.name != "preset" and getattr(config, f.name) != getattr(defaults, f.name)
         ]
