@@ -5,6 +5,8 @@ A page asks for a generated block with a marker on a line of its own:
 - ``<!-- generated: config-flags -->``: every field of :class:`jax_mnist.config.Config` as a
   ``jax-mnist train`` flag, grouped as ``--help`` groups them, with its default, its allowed
   values and its help text, all read from the dataclass and its field metadata.
+- ``<!-- generated: models -->``: every model of ``jax_mnist.models.MODELS`` with its parameters
+  and forward FLOPs per image, as ``jax-mnist models`` counts them.
 - ``<!-- generated: presets -->``: every preset of ``jax_mnist.config.PRESETS``, its docstring
   and the settings it changes from the defaults.
 - ``<!-- generated: openapi-endpoints -->`` and ``<!-- generated: openapi-json -->``: the
@@ -98,6 +100,22 @@ def config_flags() -> str:
     return "\n".join(out)
 
 
+# -- models
+
+
+def models() -> str:
+    """What ``jax-mnist models`` prints, as a table: shapes only, nothing is initialized."""
+    from jax_mnist.models import MODELS, abstract_model, count_params, flops_per_image
+
+    out = ["| model | parameters | MFLOP/image (forward) | what |", "|---|---:|---:|---|"]
+    for name, entry in MODELS.items():
+        model = abstract_model(name)
+        out.append(
+            f"| `{name}` | {count_params(model):,} | {flops_per_image(model) / 1e6:.2f} | {_cell(entry.description)} |"
+        )
+    return "\n".join(out) + "\n"
+
+
 # -- presets
 
 
@@ -156,6 +174,7 @@ def openapi_json() -> str:
 
 GENERATORS = {
     "config-flags": config_flags,
+    "models": models,
     "presets": presets,
     "openapi-endpoints": openapi_endpoints,
     "openapi-json": openapi_json,
