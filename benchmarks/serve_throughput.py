@@ -2,11 +2,17 @@
 
     python benchmarks/serve_throughput.py RUN                 # 1, 8 and 32 concurrent clients
     python benchmarks/serve_throughput.py RUN --compare engines   # JAX against ONNX Runtime
+    python benchmarks/serve_throughput.py RUN --compare ops --clients 32   # the cost of operations
 
 Starts two real servers on 127.0.0.1 for the run's model, one batching (``--max-batch 64``,
 the default) and one not (``--max-batch 1``: every request is its own model call); with
 ``--compare engines``, both batching, one with ``--engine jax`` and one with ``--engine
-onnx``. It sends each the same load: N clients, each on its own keep-alive connection, posting PNGs of
+onnx``; with ``--compare ops``, one with the defaults (metrics, the queue bound, the request
+timeout), probed during the load as an orchestrator and Prometheus would, only far more often
+(``GET /healthz`` and ``/readyz`` every 0.1 s, ``/metrics`` every second), and one with
+``--no-metrics --max-queue 0 --request-timeout 0``, not probed; with ``--compare queue``, one
+with ``--max-queue 32`` and one unbounded (give it more clients than 32: ``--clients 128``).
+It sends each the same load: N clients, each on its own keep-alive connection, posting PNGs of
 MNIST test digits (``POST /api/predict``, raw ``image/png`` body) one after another, as fast
 as the answers come. Each level is bounded in count and in time (``--requests``,
 ``--seconds``), and the two servers take turns at each level; the table shows each server's
@@ -39,7 +45,12 @@ import numpy as np
 SERVERS = {  # --compare: the two servers' names and flags
     "batching": {"batched": ["--max-batch", "64"], "unbatched": ["--max-batch", "1"]},
     "engines": {"jax": ["--engine", "jax"], "onnx": ["--engine", "onnx"]},
+    "ops": {"ops": [], "bare": ["--no-metrics", "--max-queue", "0", "--request-timeout", "0"]},
+    "queue": {"bounded": ["--max-queue", "32"], "unbounded": ["--max-queue", "0"]},
 }
+PROBED = {"ops"}  # servers whose health, readiness and metrics are read during the load
+# (path, seconds between reads) of the probes
+PROBES = (("/healthz", 0.1), ("/readyz", 0.1), ("/metrics", 1.0))
 
 
 def start_server(run: Path, name: str, flags: list[str], log_dir: Path) -> tuple[subprocess.Popen, int]:
@@ -60,7 +71,7 @@ def start_server(run: Path, name: str, flags: list[str], log_dir: Path) -> tuple
         if process.poll() is not None:
             raise SystemExit(f"the server exited: {log_path.read_text()}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/model", timeout=5):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5):
                 return process, port
         except OSError:
             time.sleep(0.25)
@@ -73,10 +84,30 @@ def stats(port: int) -> dict:
         return json.load(r)
 
 
-def load(port: int, clients: int, pngs: list[bytes], requests: int, seconds: float) -> dict:
-    """``clients`` threads post PNGs until ``requests`` answers came or ``seconds`` passed."""
-    latencies: list[list[float]] = [[] for _ in range(clients)]
-    errors = [0] * clients
+def probe(port: int, stop: threading.Event, failures: list[str]) -> None:
+    """Reads :data:`PROBES` on one keep-alive connection until ``stop``; notes any answer but 200."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    due = dict.fromkeys((path for path, _ in PROBES), 0.0)
+    while not stop.wait(0.01):
+        for path, every in PROBES:
+            if time.perf_counter() >= due[path]:
+                due[path] = time.perf_counter() + every
+                connection.request("GET", path)
+                response = connection.getresponse()
+                response.read()
+                if response.status != 200:
+                    failures.append(f"{path}: {response.status}")
+    connection.close()
+
+
+def load(
+    port: int, clients: int, pngs: list[bytes], requests: int, seconds: float, probed: bool = False
+) -> dict:
+    """``clients`` threads post PNGs until ``requests`` answers came or ``seconds`` passed (and,
+    if ``probed``, one more reads the health, readiness and metrics all the while)."""
+    latencies: list[list[float]] = [[] for _ in range(clients)]  # of the predictions (200)
+    refusals: list[list[float]] = [[] for _ in range(clients)]  # of the 503s (a full queue)
+    errors = [0] * clients  # any other answer
     remaining = [requests]
     lock = threading.Lock()
     barrier = threading.Barrier(clients + 1)
@@ -98,14 +129,22 @@ def load(port: int, clients: int, pngs: list[bytes], requests: int, seconds: flo
             connection.request("POST", "/api/predict", body=body, headers=headers)
             response = connection.getresponse()
             response.read()
-            latencies[k].append(time.perf_counter() - start)
-            if response.status != 200:
+            took = time.perf_counter() - start
+            if response.status == 200:
+                latencies[k].append(took)
+            elif response.status == 503:
+                refusals[k].append(took)
+            else:
                 errors[k] += 1
         connection.close()
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
     for t in threads:
         t.start()
+    stop_probing, probe_failures = threading.Event(), []
+    prober = threading.Thread(target=probe, args=(port, stop_probing, probe_failures))
+    if probed:
+        prober.start()
     before = stats(port)
     stop_at[0] = time.perf_counter() + seconds
     start = time.perf_counter()
@@ -113,12 +152,19 @@ def load(port: int, clients: int, pngs: list[bytes], requests: int, seconds: flo
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - start
+    stop_probing.set()
+    if probed:
+        prober.join()
     after = stats(port)
     all_latencies = np.array([x for per_client in latencies for x in per_client])
+    all_refusals = np.array([x for per_client in refusals for x in per_client])
     calls = after["calls"] - before["calls"]
     return {
         "answers": len(all_latencies),
-        "errors": sum(errors),
+        "refused": len(all_refusals),
+        "refused_p50_ms": 1000 * float(np.percentile(all_refusals, 50)) if len(all_refusals) else 0.0,
+        "refused_p99_ms": 1000 * float(np.percentile(all_refusals, 99)) if len(all_refusals) else 0.0,
+        "errors": sum(errors) + len(probe_failures),
         "per_second": len(all_latencies) / elapsed,
         "p50_ms": 1000 * float(np.percentile(all_latencies, 50)),
         "p99_ms": 1000 * float(np.percentile(all_latencies, 99)),
@@ -139,7 +185,8 @@ def main(argv=None) -> int:
         "--compare",
         choices=tuple(SERVERS),
         default="batching",
-        help="batching: --max-batch 64 against 1; engines: --engine jax against onnx (default: batching)",
+        help="batching: --max-batch 64 against 1; engines: --engine jax against onnx; ops: the defaults, "
+        "probed, against no metrics, no queue bound and no timeout (default: batching)",
     )
     args = parser.parse_args(argv)
 
@@ -171,7 +218,7 @@ def main(argv=None) -> int:
                 for _ in range(args.rounds):
                     for name, (_, port) in servers.items():
                         results.setdefault((name, clients), []).append(
-                            load(port, clients, pngs, args.requests, args.seconds)
+                            load(port, clients, pngs, args.requests, args.seconds, name in PROBED)
                         )
         finally:
             for process, _ in servers.values():
@@ -193,6 +240,12 @@ def main(argv=None) -> int:
                 f"{clients:>7}  {name:<10} {best['per_second']:>8.0f} {best['p50_ms']:>8.1f} "
                 f"{best['p99_ms']:>8.1f} {best['mean_batch']:>6.1f} {best['model_ms']:>8.1f} {best['answers']:>8}"
                 + (f"  ({errors} errors)" if errors else "")
+                + (
+                    f"  503 (queue full): {best['refused']}, p50 {best['refused_p50_ms']:.1f} ms, "
+                    f"p99 {best['refused_p99_ms']:.1f} ms"
+                    if best["refused"]
+                    else ""
+                )
                 + (
                     f"   rounds: {min(r['per_second'] for r in runs):.0f}-{max(r['per_second'] for r in runs):.0f}"
                     f" pred/s, p99 {min(r['p99_ms'] for r in runs):.0f}-{max(r['p99_ms'] for r in runs):.0f} ms"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
 import shutil
 import socket
@@ -47,6 +48,50 @@ def tiny():
     return tiny_config
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+    """A finished run that several tests share: read it as it is, or change a :meth:`copy`."""
+
+    workdir: Path
+    final: dict  # what train_and_evaluate returned
+
+    def copy(self, dest: Path) -> Path:
+        """A copy of the run directory at ``dest`` (checkpoints included) for a test to change."""
+        shutil.copytree(self.workdir, dest)
+        return dest
+
+
+def _train_once(tmp_path_factory, name: str, config: Config) -> TrainedRun:
+    from jax_mnist.train import train_and_evaluate
+
+    workdir = tmp_path_factory.mktemp(name) / "run"
+    return TrainedRun(workdir, train_and_evaluate(config, workdir))
+
+
+# Training is deterministic, so a test that needs the very run another test trained takes it
+# from here rather than training it again; the suite trains each of these once, in-process.
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> TrainedRun:
+    """``tiny_config()`` as it is: the seed CNN, 2 epochs of 16 steps."""
+    return _train_once(tmp_path_factory, "tiny-run", tiny_config())
+
+
+@pytest.fixture(scope="session")
+def tiny_run_one_epoch(tmp_path_factory) -> TrainedRun:
+    """``tiny_config(epochs=1)``: 16 steps, one checkpoint (step 16)."""
+    return _train_once(tmp_path_factory, "tiny-run-1", tiny_config(epochs=1))
+
+
+@pytest.fixture(scope="session")
+def seed_cnn_cli_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """``jax-mnist train --epochs 1`` as a user runs it (the seed CNN, the whole training split,
+    output a pipe): the run directory and the finished command. About a minute on 2 cores."""
+    workdir = tmp_path_factory.mktemp("seed-cnn") / "run"
+    result = run_cli("train", "--epochs", "1", "--workdir", str(workdir))
+    assert result.returncode == 0, result.stderr
+    return workdir, result
+
+
 def run_cli(
     *args: str, cwd: Path | None = None, timeout: float = 600, **kwargs
 ) -> subprocess.CompletedProcess:
@@ -73,11 +118,14 @@ def free_port() -> int:
 class ServerProcess:
     """``python -m jax_mnist serve RUN --port P`` as a real process on 127.0.0.1.
 
-    Starts the server and waits until ``GET /api/model`` answers; :meth:`stop` sends SIGTERM
-    and returns what the server printed.
+    Starts the server (in ``cwd``, default this one) and waits until ``GET /readyz`` says it
+    is ready (its model warmed up); :meth:`stop` sends SIGTERM and returns what the server
+    printed.
     """
 
-    def __init__(self, model_path: Path, *args: str, log_dir: Path, timeout: float = 300):
+    def __init__(
+        self, model_path: Path, *args: str, log_dir: Path, timeout: float = 300, cwd: Path | None = None
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"serve-{self.port}.log"
@@ -87,13 +135,14 @@ class ServerProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            cwd=cwd,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.log()}")
             try:
-                with urllib.request.urlopen(f"{self.url}/api/model", timeout=5) as response:
+                with urllib.request.urlopen(f"{self.url}/readyz", timeout=5) as response:
                     if response.status == 200:
                         return
             except OSError:
@@ -129,8 +178,33 @@ def default_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def default_server(default_run, tmp_path_factory):
-    """``jax-mnist serve`` of :func:`default_run`, shared by the serve and page tests."""
-    server = ServerProcess(default_run, log_dir=tmp_path_factory.mktemp("serve"))
+def digits_run(tmp_path_factory) -> Path:
+    """A run of ``jax-mnist train --epochs 1`` (the seed CNN, one epoch: about 98% test
+    accuracy, trained in about a minute on 2 cores), at ``FOLDER/runs/seed``: for the tests
+    that need a model that recognizes digits (the page's, and serve's over HTTP), trained once."""
+    root = tmp_path_factory.mktemp("digits")
+    result = run_cli("train", "--workdir", "runs/seed", "--epochs", "1", "--progress", "plain", cwd=root)
+    assert result.returncode == 0, result.stderr
+    return root / "runs" / "seed"
+
+
+@pytest.fixture(scope="session")
+def digits_server(digits_run, tmp_path_factory):
+    """``jax-mnist serve runs/seed`` of :func:`digits_run`, started in the run's folder so that
+    the page names the run as a user's would (``runs/seed``), shared by the serve and page tests."""
+    server = ServerProcess(
+        Path("runs/seed"), log_dir=tmp_path_factory.mktemp("serve"), cwd=digits_run.parents[1]
+    )
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def serve_run(tmp_path_factory) -> Path:
+    """A run of :func:`tiny_config` (one epoch, a few seconds), trained once for the serve tests
+    that check the HTTP machinery rather than accuracy (test_serve.py, test_serve_ops.py)."""
+    from jax_mnist.train import train_and_evaluate
+
+    workdir = tmp_path_factory.mktemp("serve") / "run"
+    train_and_evaluate(tiny_config(epochs=1), workdir)
+    return workdir

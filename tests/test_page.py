@@ -1,7 +1,7 @@
 """The draw-a-digit page in a real browser (Debian's Chromium driven by Playwright).
 
-Digits are drawn with mouse strokes on the page of a model trained with the default flags;
-the page's answer must be right, and the page must log no console error and make no request
+Digits are drawn with mouse strokes on the page of the seed CNN trained for one epoch
+(conftest's ``digits_run``, shared with test_serve.py); the page's answer must be right, and the page must log no console error and make no request
 beyond the server (the docs too: they must work offline).
 """
 
@@ -37,7 +37,7 @@ def browser():
 
 
 @pytest.fixture
-def page(browser, default_server):
+def page(browser, digits_server):
     """A fresh page of the server's app; fails the test on any console error, page error or
     request that leaves the server."""
     context = browser.new_context(viewport={"width": 1280, "height": 600})
@@ -49,14 +49,14 @@ def page(browser, default_server):
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
 
     def only_the_server(route):
-        if route.request.url.startswith(default_server.url + "/"):
+        if route.request.url.startswith(digits_server.url + "/"):
             route.continue_()
         else:
             problems.append(f"request outside the server: {route.request.url}")
             route.abort()
 
     page.route("**/*", only_the_server)
-    page.goto(default_server.url + "/")
+    page.goto(digits_server.url + "/")
     page.wait_for_selector("body[data-ready=true]")
     yield page
     context.close()
@@ -153,8 +153,8 @@ def test_an_uploaded_photo_like_image_is_recognized(page, tmp_path):
     assert got["ink"] > 0
 
 
-def test_the_api_docs_work_offline(page, default_server):
-    page.goto(default_server.url + "/docs")
+def test_the_api_docs_work_offline(page, digits_server):
+    page.goto(digits_server.url + "/docs")
     page.wait_for_selector(".swagger-ui .info .title", timeout=30_000)
     assert "jax-mnist" in page.locator(".swagger-ui .info .title").inner_text()
     assert page.locator(".opblock-summary-path", has_text="/api/predict").count() == 1

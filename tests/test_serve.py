@@ -211,12 +211,8 @@ def test_batcher_refuses_bad_settings():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    from jax_mnist.train import train_and_evaluate
-
-    workdir = tmp_path_factory.mktemp("serve") / "run"
-    train_and_evaluate(tiny_config(epochs=1), workdir)
-    return workdir
+def tiny_run(serve_run):
+    return serve_run  # trained once per session (conftest), shared with test_serve_ops.py
 
 
 @pytest.fixture(scope="module")
@@ -523,9 +519,9 @@ def test_serve_errors_are_one_line(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_default_model_served_over_http_recognizes_mnist_digits(default_server, digits):
+def test_a_trained_model_served_over_http_recognizes_mnist_digits(digits_server, digits):
     _, labels, pngs = digits
-    with httpx.Client(base_url=default_server.url, timeout=60) as client:
+    with httpx.Client(base_url=digits_server.url, timeout=60) as client:
         predictions = [
             client.post("/api/predict", content=png, headers={"content-type": "image/png"}).json()[
                 "predictions"
