@@ -20,9 +20,6 @@ import numpy as np
 
 from jax_mnist.errors import UserError
 from jax_mnist.metrics import confusion_matrix, softmax
-
-# Drawn in plots.py: _figure is also what tune.py draws its study figures with.
-from jax_mnist.plots import _figure as _figure
 from jax_mnist.plots import plot_comparison, plot_confusion, plot_curves, plot_mistakes, save_figure
 
 # Read in runs.py: re-exported, as callers (inference, the tests) import them from here.
