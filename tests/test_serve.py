@@ -439,8 +439,14 @@ def test_batching_off_with_max_batch_1(tiny_run, tmp_path, digits):
         server.stop()
 
 
+def untrained_model(name: str, dtype: str = "float32"):
+    """What choose_engine reads of a model: its config (building real ones took a minute)."""
+    import types
+
+    return types.SimpleNamespace(config=Config(model=name, dtype=dtype))
+
+
 def test_auto_engine_is_onnx_runtime_where_it_is_faster_on_a_cpu_and_jax_elsewhere():
-    from jax_mnist.inference import untrained_model
     from jax_mnist.serve import choose_engine
 
     assert choose_engine(untrained_model("cnn"))[0] == "jax"

@@ -535,6 +535,7 @@ def test_soak_mixed_requests_at_32_clients_keep_memory_flat_and_every_answer_rig
                 failures.append(f"{content_type} {body[:20]!r}: {data[:200]!r} says no error")
         connection.close()
 
+    started = time.monotonic()
     try:
         threads = [threading.Thread(target=client, args=(k,)) for k in range(SOAK_CLIENTS)]
         for t in threads:
@@ -542,6 +543,7 @@ def test_soak_mixed_requests_at_32_clients_keep_memory_flat_and_every_answer_rig
         for t in threads:
             t.join()
         memory.append((sent[0], resident_bytes(pid)))
+        elapsed = time.monotonic() - started
     finally:
         output = server.stop()
     assert failures == [], failures[:10]
@@ -550,5 +552,10 @@ def test_soak_mixed_requests_at_32_clients_keep_memory_flat_and_every_answer_rig
     assert sum(good_answers) >= 0.6 * sent[0]
     # Flat after warm-up: every reading after the first 2,000 requests within 10% of that one.
     warm = [rss for n, rss in memory if n >= 2_000]
+    print(  # for the docs' figures (pytest -s)
+        f"soak: {sent[0]} requests ({sum(good_answers)} predictions) at {SOAK_CLIENTS} clients in "
+        f"{elapsed:.0f} s; resident MiB at 2,000: {warm[0] / 2**20:.0f}, highest after: "
+        f"{max(warm) / 2**20:.0f}, at the end: {warm[-1] / 2**20:.0f}, first reading: {memory[0][1] / 2**20:.0f}"
+    )
     assert len(warm) >= 4, memory
     assert max(warm) <= 1.10 * warm[0], [(n, rss // 2**20) for n, rss in memory]

@@ -94,6 +94,29 @@ class ServingState:
     status: str = "warming up"
     error: str | None = None
     in_flight: int = 0
+    drain_at: float | None = None  # the event loop's time by which a drain must be done
+    loop: asyncio.AbstractEventLoop | None = None
+    # The deadlines of the prediction requests in flight (asyncio.timeout scopes).
+    deadlines: set = dataclasses.field(default_factory=set)
+
+    def begin_drain(self, seconds: float) -> None:
+        """Shutdown has begun: every request in flight is to be answered within ``seconds``.
+        Safe to call from a signal handler or another thread."""
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self._drain, seconds)
+
+    def _drain(self, seconds: float) -> None:
+        self.status = "draining"
+        self.drain_at = self.loop.time() + seconds
+        for deadline in self.deadlines:
+            self.bring_forward(deadline)
+
+    def bring_forward(self, deadline: asyncio.Timeout) -> None:
+        """Moves ``deadline`` to the drain's, if it is later. A request still in flight then is
+        answered 503 by the app, which uvicorn would otherwise cancel (at the same time, a
+        little later) and answer with a bare 500 and a traceback in the log."""
+        if self.drain_at is not None and (deadline.when() is None or deadline.when() > self.drain_at):
+            deadline.reschedule(self.drain_at)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -275,6 +298,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        state.loop = asyncio.get_running_loop()
         batcher.start()
         # In the background: uvicorn listens only once this function yields, and /healthz is
         # to answer while the model compiles.
@@ -340,7 +364,12 @@ def create_app(
         """Model calls, images and requests so far, and how many calls had each batch size."""
         return {**batcher.stats.to_dict(), "max_batch": max_batch, "max_wait_ms": 1000 * max_wait}
 
-    @app.get("/healthz", summary="Whether the process is up", response_model=Status)
+    @app.get(
+        "/healthz",
+        summary="Whether the process is up",
+        response_model=Status,
+        response_model_exclude_none=True,
+    )
     async def healthz() -> dict[str, str]:
         """200 while the server process runs and its event loop answers; nothing else is looked at."""
         return {"status": "ok"}
@@ -403,9 +432,21 @@ def create_app(
             )
         state.in_flight += 1
         try:
-            async with asyncio.timeout(timeout):
-                return await answer(request, top)
+            async with asyncio.timeout(timeout) as deadline:
+                state.bring_forward(deadline)
+                state.deadlines.add(deadline)
+                try:
+                    return await answer(request, top)
+                finally:
+                    state.deadlines.discard(deadline)
         except TimeoutError:
+            if state.drain_at is not None and asyncio.get_running_loop().time() >= state.drain_at:
+                raise ApiError(
+                    503,
+                    "the server is shutting down and could not answer within its --drain-timeout; "
+                    "retry, another server may answer",
+                    {"Retry-After": str(RETRY_AFTER_S)},
+                ) from None
             raise ApiError(
                 504, f"no answer within the {request_timeout:g} s the server allows a request"
             ) from None

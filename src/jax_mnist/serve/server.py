@@ -40,7 +40,10 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig, frame) -> None:
         if not self.should_exit:
-            self.serving.status = "draining"  # /readyz says so from now on
+            # /readyz says "draining" from now on, and the requests in flight get until the end
+            # of the drain. uvicorn's own deadline (timeout_graceful_shutdown) starts 0.1-0.2 s
+            # later, once it has closed the listening socket: the app answers first.
+            self.serving.begin_drain(self.drain_timeout)
             print(
                 f"{signal.Signals(sig).name}: no new connections; finishing "
                 f"{self.serving.in_flight} prediction requests in flight "
