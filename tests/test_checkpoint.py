@@ -53,9 +53,9 @@ def test_save_restore_round_trip_is_exact(tmp_path):
     assert checkpoints.read_config() == config
 
 
-def test_stop_and_resume_equals_straight_run_bit_for_bit(tmp_path):
+def test_stop_and_resume_equals_straight_run_bit_for_bit(tmp_path, tiny_run_one_epoch):
     straight = train_and_evaluate(tiny_config(epochs=3), tmp_path / "straight")
-    train_and_evaluate(tiny_config(epochs=1), tmp_path / "resumed")
+    tiny_run_one_epoch.copy(tmp_path / "resumed")  # a run of tiny_config(epochs=1)
     resumed = train_and_evaluate(tiny_config(epochs=3), tmp_path / "resumed", resume=True)
     # The resumed run also keeps the test record of its first, 1-epoch part.
     first_part_test = next(r for r in records(tmp_path / "resumed") if r["kind"] == "test")
@@ -79,8 +79,8 @@ def test_checkpoint_every_steps_and_keep(tmp_path):
     assert load_model(tmp_path / "a").meta["step"] == best["step"]
 
 
-def test_resume_refuses_changed_settings_but_allows_more_epochs(tmp_path):
-    train_and_evaluate(tiny_config(epochs=1), tmp_path / "run")
+def test_resume_refuses_changed_settings_but_allows_more_epochs(tmp_path, tiny_run_one_epoch):
+    tiny_run_one_epoch.copy(tmp_path / "run")
     with pytest.raises(UserError, match=r"lr \(stored 0.001, given 0.01\)"):
         train_and_evaluate(tiny_config(epochs=2, lr=0.01), tmp_path / "run")
     final = train_and_evaluate(tiny_config(epochs=2), tmp_path / "run")
@@ -112,8 +112,8 @@ def _damage_latest(workdir, how):
 
 
 @pytest.mark.parametrize("how", ["truncate", "delete"])
-def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, how, capsys):
-    train_and_evaluate(tiny_config(epochs=2), tmp_path / "run")
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, how, capsys, tiny_run):
+    tiny_run.copy(tmp_path / "run")  # a run of tiny_config(epochs=2)
     latest = _damage_latest(tmp_path / "run", how)
     run = load_model(tmp_path / "run", "latest")
     assert run.meta["step"] < latest
@@ -121,8 +121,9 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, how,
 
 
 @pytest.mark.parametrize("how", ["truncate", "delete"])
-def test_all_checkpoints_damaged_is_a_clear_error(tmp_path, how):
-    train_and_evaluate(tiny_config(epochs=1, keep=1), tmp_path / "run")
+def test_all_checkpoints_damaged_is_a_clear_error(tmp_path, how, tiny_run_one_epoch):
+    tiny_run_one_epoch.copy(tmp_path / "run")
+    assert Checkpoints(tmp_path / "run").steps() == [16]  # one checkpoint, as with --keep 1
     _damage_latest(tmp_path / "run", how)
     result = run_cli("evaluate", str(tmp_path / "run"), "--checkpoint", "latest")
     assert result.returncode == 1
@@ -139,29 +140,40 @@ def test_evaluate_missing_run_is_a_clear_error(tmp_path):
     assert result.stderr.strip() == f"jax-mnist: error: {tmp_path / 'nothing'}: no such run directory"
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_signal_mid_epoch_saves_and_resume_loses_nothing(tmp_path, signum):
-    flags = [
-        "--train-size",
-        "4096",
-        "--val-size",
-        "512",
-        "--batch-size",
-        "64",
-        "--epochs",
-        "2",
-        "--log-every",
-        "4",
-        "--eval-batch-size",
-        "512",
-    ]
-    straight = run_cli("train", *flags, "--workdir", str(tmp_path / "straight"))
-    assert straight.returncode == 0, straight.stderr
+SIGNAL_FLAGS = [
+    "--train-size",
+    "4096",
+    "--val-size",
+    "512",
+    "--batch-size",
+    "64",
+    "--epochs",
+    "2",
+    "--log-every",
+    "4",
+    "--eval-batch-size",
+    "512",
+]
 
+
+@pytest.fixture(scope="module")
+def straight_signal_run(tmp_path_factory):
+    """The run of SIGNAL_FLAGS never stopped, once for both signals."""
+    workdir = tmp_path_factory.mktemp("signal") / "straight"
+    straight = run_cli("train", *SIGNAL_FLAGS, "--workdir", str(workdir))
+    assert straight.returncode == 0, straight.stderr
+    return workdir
+
+
+# Three runs of the CLI on 4,096 images each; the fast subset interrupts training in-process
+# (test_an_interrupted_run_closes_its_files).
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_mid_epoch_saves_and_resume_loses_nothing(tmp_path, signum, straight_signal_run):
     workdir = tmp_path / "interrupted"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jax_mnist", "train", *flags, "--workdir", str(workdir)],
+        [sys.executable, "-m", "jax_mnist", "train", *SIGNAL_FLAGS, "--workdir", str(workdir)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -188,8 +200,8 @@ def test_signal_mid_epoch_saves_and_resume_loses_nothing(tmp_path, signum):
     resumed = run_cli("train", "--workdir", str(workdir), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert f"Resuming from step {max(saved)}" in resumed.stdout
-    assert records(workdir) == records(tmp_path / "straight")
-    assert_same_tree(latest_state(workdir), latest_state(tmp_path / "straight"))
+    assert records(workdir) == records(straight_signal_run)
+    assert_same_tree(latest_state(workdir), latest_state(straight_signal_run))
 
 
 def _rewind(workdir, copy, step):
@@ -212,9 +224,14 @@ RESUME_CASES = {
         16,
     ),
 }
+# The batch-norm models take most of this test's time: the fast subset resumes the seed CNN.
+SLOW_RESUME_CASES = {"cosine-ema-resnet", "step-vgg-smoothing"}
 
 
-@pytest.mark.parametrize("case", sorted(RESUME_CASES))
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, marks=pytest.mark.slow if c in SLOW_RESUME_CASES else ()) for c in sorted(RESUME_CASES)],
+)
 def test_resume_from_any_checkpoint_equals_the_run_never_stopped(tmp_path, case):
     changes, step = RESUME_CASES[case]
     config = tiny_config(epochs=2, **changes)
@@ -239,10 +256,9 @@ def test_a_run_with_a_schedule_over_its_length_refuses_other_epochs(tmp_path):
     assert records(tmp_path / "run") == before and Checkpoints(tmp_path / "run").steps() == [16]
 
 
-def test_logged_loss_covers_every_step_when_checkpoints_fall_between_log_points(tmp_path):
-    train_and_evaluate(tiny_config(epochs=1), tmp_path / "plain")
+def test_logged_loss_covers_every_step_when_checkpoints_fall_between_log_points(tmp_path, tiny_run_one_epoch):
     train_and_evaluate(tiny_config(epochs=1, checkpoint_every_steps=5), tmp_path / "saving")
-    plain = [r for r in records(tmp_path / "plain") if r["kind"] == "train"]
+    plain = [r for r in records(tiny_run_one_epoch.workdir) if r["kind"] == "train"]
     saving = [r for r in records(tmp_path / "saving") if r["kind"] == "train"]
     assert [r["step"] for r in saving] == [r["step"] for r in plain] == [8, 16]
     for a, b in zip(plain, saving, strict=True):
@@ -252,10 +268,10 @@ def test_logged_loss_covers_every_step_when_checkpoints_fall_between_log_points(
         assert b["accuracy"] == a["accuracy"]
 
 
-def test_a_damaged_latest_checkpoint_is_moved_aside_and_saved_anew(tmp_path, capsys):
+def test_a_damaged_latest_checkpoint_is_moved_aside_and_saved_anew(tmp_path, capsys, tiny_run):
     config = tiny_config(epochs=2)
-    train_and_evaluate(config, tmp_path / "straight")
-    run = _rewind(tmp_path / "straight", tmp_path / "run", 32)
+    straight = tiny_run.workdir  # a run of this config
+    run = _rewind(straight, tmp_path / "run", 32)
     _damage_latest(run, "truncate")
     final = train_and_evaluate(config, run)
     out = capsys.readouterr().out
@@ -266,8 +282,8 @@ def test_a_damaged_latest_checkpoint_is_moved_aside_and_saved_anew(tmp_path, cap
     # Step 32 is a good checkpoint again: evaluation and later resumes use it.
     assert Checkpoints(run).steps() == [16, 32]
     assert load_model(run, "latest").meta["step"] == 32
-    assert_same_tree(latest_state(run), latest_state(tmp_path / "straight"))
-    assert records(run) == records(tmp_path / "straight")
+    assert_same_tree(latest_state(run), latest_state(straight))
+    assert records(run) == records(straight)
 
 
 def _store_config(workdir, **changes):
@@ -277,8 +293,8 @@ def _store_config(workdir, **changes):
         path.write_text(json.dumps({**values, **changes}))
 
 
-def test_a_checkpoint_that_does_not_fit_is_a_mismatch_not_damage(tmp_path):
-    train_and_evaluate(tiny_config(epochs=1), tmp_path / "run")
+def test_a_checkpoint_that_does_not_fit_is_a_mismatch_not_damage(tmp_path, tiny_run_one_epoch):
+    tiny_run_one_epoch.copy(tmp_path / "run")
     _store_config(tmp_path / "run", width=16)
     with pytest.raises(
         CheckpointMismatch, match=r"does not fit .*params/conv1/bias: stored \(32,\), expected \(16,\)"

@@ -105,10 +105,8 @@ def _first_epoch(workdir):
 
 
 @pytest.fixture(scope="module")
-def reference_epoch(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("reference") / "run"
-    train.train_and_evaluate(tiny_config(epochs=1), workdir)
-    return _first_epoch(workdir)
+def reference_epoch(tiny_run_one_epoch):
+    return _first_epoch(tiny_run_one_epoch.workdir)  # a run of tiny_config(epochs=1)
 
 
 @pytest.mark.slow

@@ -9,21 +9,19 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import tiny_config
 from PIL import Image
 
 from jax_mnist.cli import main
 from jax_mnist.errors import UserError
 from jax_mnist.metrics import confusion_matrix
 from jax_mnist.report import compare_runs, load_run, summarize_runs, write_report
-from jax_mnist.train import train_and_evaluate
 
 
 @pytest.fixture(scope="module")
-def runs_dir(tmp_path_factory):
+def runs_dir(tmp_path_factory, tiny_run):
     """``runs/`` holding one tiny finished run ``a`` and ``b``, a copy of it without checkpoints."""
     root = tmp_path_factory.mktemp("report") / "runs"
-    train_and_evaluate(tiny_config(progress="plain"), root / "a")
+    tiny_run.copy(root / "a")  # a run of tiny_config()
     shutil.copytree(root / "a", root / "b", ignore=shutil.ignore_patterns("checkpoints", "events.*"))
     return root
 

@@ -9,11 +9,11 @@ def read_records(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_tiny_run_writes_config_and_metrics(tmp_path):
-    final = train_and_evaluate(tiny_config(), tmp_path / "run")
-    config = json.loads((tmp_path / "run" / "config.json").read_text())
+def test_tiny_run_writes_config_and_metrics(tiny_run):
+    final = tiny_run.final  # train_and_evaluate(tiny_config(), ...)
+    config = json.loads((tiny_run.workdir / "config.json").read_text())
     assert config["train_size"] == 1024 and config["model"] == "cnn"
-    records = read_records(tmp_path / "run")
+    records = read_records(tiny_run.workdir)
     epochs = [r for r in records if r["kind"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [1, 2]
     for r in epochs:
@@ -22,8 +22,8 @@ def test_tiny_run_writes_config_and_metrics(tmp_path):
     assert final["test_accuracy"] > 0.7  # 32 steps on 1,024 images already learn a lot
 
 
-def test_same_seed_same_numbers_bit_for_bit(tmp_path):
-    a = train_and_evaluate(tiny_config(), tmp_path / "a")
+def test_same_seed_same_numbers_bit_for_bit(tmp_path, tiny_run):
+    a = tiny_run.final  # train_and_evaluate(tiny_config(), ...), earlier in this process
     b = train_and_evaluate(tiny_config(), tmp_path / "b")
 
     def strip(rs):
@@ -32,7 +32,7 @@ def test_same_seed_same_numbers_bit_for_bit(tmp_path):
             for r in rs
         ]
 
-    assert strip(read_records(tmp_path / "a")) == strip(read_records(tmp_path / "b"))
+    assert strip(read_records(tiny_run.workdir)) == strip(read_records(tmp_path / "b"))
     assert a["test_loss"] == b["test_loss"]
     c = train_and_evaluate(tiny_config(seed=1), tmp_path / "c")
     assert c["test_loss"] != a["test_loss"]
