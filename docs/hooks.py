@@ -9,6 +9,9 @@ A page asks for a generated block with a marker on a line of its own:
   and forward FLOPs per image, as ``jax-mnist models`` counts them.
 - ``<!-- generated: presets -->``: every preset of ``jax_mnist.config.PRESETS``, its docstring
   and the settings it changes from the defaults.
+- ``<!-- include: page.md -->``: another file of ``docs/`` (kept out of the nav by
+  ``exclude_docs``), its headings one level down, so a section another person keeps in a file
+  of its own reads as a section of the page; a missing file fails the build.
 - ``<!-- generated: openapi-endpoints -->`` and ``<!-- generated: openapi-json -->``: the
   HTTP API's routes and its OpenAPI schema, from ``create_app(...).openapi()``.
 
@@ -34,6 +37,7 @@ import re
 from typing import Any
 
 MARKER = re.compile(r"^( *)<!-- generated: ([a-z-]+) -->$", re.MULTILINE)
+INCLUDE = re.compile(r"^<!-- include: ([\w./-]+\.md) -->$", re.MULTILINE)
 NOTEBOOK_LINK = re.compile(r'href="([^":#]+\.md)(#[^"]*)?"')
 FLAG = re.compile(r"(?<![`\w-])(--[a-z][a-z0-9-]*)")
 
@@ -181,8 +185,32 @@ GENERATORS = {
 }
 
 
+def _demoted(markdown: str) -> str:
+    """``markdown`` with every heading one level down (``#`` -> ``##``), code blocks untouched."""
+    out, fence = [], None
+    for line in markdown.splitlines():
+        stripped = line.lstrip()
+        if stripped.startswith(("```", "~~~")):
+            marker = stripped[:3]
+            fence = None if fence == marker else (fence or marker)
+        elif fence is None and re.match(r"#{1,5} ", line):
+            line = "#" + line
+        out.append(line)
+    return "\n".join(out)
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:
+    from pathlib import Path
+
     from mkdocs.exceptions import PluginError
+
+    def include(match: re.Match) -> str:
+        path = Path(config["docs_dir"]) / match.group(1)
+        if not path.is_file():
+            raise PluginError(f"{page.file.src_path}: the included file {match.group(1)} is not in docs/")
+        return _demoted(path.read_text(encoding="utf-8"))
+
+    markdown = INCLUDE.sub(include, markdown)
 
     def replace(match: re.Match) -> str:
         indent, name = match.groups()

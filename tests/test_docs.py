@@ -58,3 +58,10 @@ def test_tutorial_is_committed_without_outputs():
     for cell in notebook["cells"]:
         if cell["cell_type"] == "code":
             assert cell["outputs"] == [] and cell["execution_count"] is None
+
+
+def test_included_sections_go_one_level_down(hooks):
+    text = "# Title\n\ntext\n\n## Section\n\n```bash\n# a comment, not a heading\n```\n"
+    assert (
+        hooks._demoted(text) == "## Title\n\ntext\n\n### Section\n\n```bash\n# a comment, not a heading\n```"
+    )
