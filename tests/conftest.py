@@ -178,14 +178,14 @@ def default_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def digits_run(tmp_path_factory) -> Path:
-    """A run of ``jax-mnist train --epochs 1`` (the seed CNN, one epoch: about 98% test
-    accuracy, trained in about a minute on 2 cores), at ``FOLDER/runs/seed``: for the tests
-    that need a model that recognizes digits (the page's, and serve's over HTTP), trained once."""
-    root = tmp_path_factory.mktemp("digits")
-    result = run_cli("train", "--workdir", "runs/seed", "--epochs", "1", "--progress", "plain", cwd=root)
-    assert result.returncode == 0, result.stderr
-    return root / "runs" / "seed"
+def digits_run(seed_cnn_cli_run, tmp_path_factory) -> Path:
+    """:func:`seed_cnn_cli_run` (``jax-mnist train --epochs 1``: about 98% test accuracy) as
+    ``FOLDER/runs/seed`` (a link), for the tests that need a model that recognizes digits (the
+    page's, and serve's over HTTP)."""
+    link = tmp_path_factory.mktemp("digits") / "runs" / "seed"
+    link.parent.mkdir()
+    link.symlink_to(seed_cnn_cli_run[0], target_is_directory=True)
+    return link
 
 
 @pytest.fixture(scope="session")
@@ -200,11 +200,7 @@ def digits_server(digits_run, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def serve_run(tmp_path_factory) -> Path:
-    """A run of :func:`tiny_config` (one epoch, a few seconds), trained once for the serve tests
-    that check the HTTP machinery rather than accuracy (test_serve.py, test_serve_ops.py)."""
-    from jax_mnist.train import train_and_evaluate
-
-    workdir = tmp_path_factory.mktemp("serve") / "run"
-    train_and_evaluate(tiny_config(epochs=1), workdir)
-    return workdir
+def serve_run(tiny_run_one_epoch) -> Path:
+    """:func:`tiny_run_one_epoch`'s directory, read only: the model of the serve tests that
+    check the HTTP machinery rather than accuracy (test_serve.py, test_serve_ops.py)."""
+    return tiny_run_one_epoch.workdir
