@@ -54,14 +54,16 @@ class TuneInterrupted(UserError):
 
 
 def import_optuna():
-    """Optuna, quiet at INFO; a one-line error naming the extra when it is not installed."""
+    """Optuna, quiet but for errors; a one-line error naming the extra when it is not installed."""
     try:
         import optuna
     except ImportError:
         raise UserError(f"jax-mnist tune needs Optuna: {INSTALL_HINT}") from None
     import warnings
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Errors only: a trial stopped by Ctrl-C would otherwise be logged with its traceback
+    # ("Trial N failed ..."); our own lines say what happened to it.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     # Heartbeats and fail_stale_trials are marked experimental; we rely on them knowingly.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return optuna
@@ -253,7 +255,9 @@ def open_study(settings: TuneSettings, *, seed_offset: int = 0):
     seed = int(np.random.SeedSequence([settings.sampler_seed, seed_offset, done]).generate_state(1)[0])
     if settings.sampler == "tpe":
         # constant_liar: trials running in other workers count as bad, so workers spread out.
-        study.sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+        study.sampler = optuna.samplers.TPESampler(
+            seed=seed, constant_liar=True, constraints_func=_short_of_target(settings.cost_target)
+        )
     else:
         study.sampler = optuna.samplers.RandomSampler(seed=seed)
     if settings.cost_target is not None:
@@ -266,6 +270,20 @@ def open_study(settings: TuneSettings, *, seed_offset: int = 0):
         "none": lambda: optuna.pruners.NopPruner(),
     }[settings.pruner]()
     return study
+
+
+def _short_of_target(target: float | None):
+    """TPE's constraint with a cost target: how far a trial's best validation accuracy fell
+    short of it (feasible at 0 or below). Without it, trials too short to reach the target
+    would count as the cheapest and draw the search to them."""
+    if target is None:
+        return None
+
+    def constraints(trial) -> tuple[float]:
+        accuracies = [accuracy for _, accuracy in trial.user_attrs.get("curve", [])]
+        return (target - max(accuracies, default=0.0),)
+
+    return constraints
 
 
 def counts(study) -> tuple[int, int]:
