@@ -11,7 +11,8 @@ onnx``; with ``--compare ops``, one with the defaults (metrics, the queue bound,
 timeout), probed during the load as an orchestrator and Prometheus would, only far more often
 (``GET /healthz`` and ``/readyz`` every 0.1 s, ``/metrics`` every second), and one with
 ``--no-metrics --max-queue 0 --request-timeout 0``, not probed; with ``--compare queue``, one
-with ``--max-queue 32`` and one unbounded (give it more clients than 32: ``--clients 128``).
+with ``--max-queue 32`` and one unbounded (give it more clients than 32: ``--clients 128``);
+a client answered 503 waits the ``Retry-After`` it was given before its next request.
 It sends each the same load: N clients, each on its own keep-alive connection, posting PNGs of
 MNIST test digits (``POST /api/predict``, raw ``image/png`` body) one after another, as fast
 as the answers come. Each level is bounded in count and in time (``--requests``,
@@ -134,6 +135,11 @@ def load(
                 latencies[k].append(took)
             elif response.status == 503:
                 refusals[k].append(took)
+                # As a well-behaved client does: a client that retries at once only adds to
+                # the load the server is shedding.
+                time.sleep(
+                    min(float(response.getheader("Retry-After", "0")), stop_at[0] - time.perf_counter(), 5)
+                )
             else:
                 errors[k] += 1
         connection.close()
@@ -255,7 +261,20 @@ def main(argv=None) -> int:
             )
         first, second = servers
         ratio = row[first]["per_second"] / row[second]["per_second"]
-        print(f"{'':>7}  {first}/{second} throughput: {ratio:.2f}x")
+        # The two servers' rounds alternate, so round i of one and of the other saw about the
+        # same other work on the machine: their ratios, paired, drift less than the best rounds.
+        paired = sorted(
+            a["per_second"] / b["per_second"]
+            for a, b in zip(results[(first, clients)], results[(second, clients)], strict=True)
+        )
+        print(
+            f"{'':>7}  {first}/{second} throughput: {ratio:.2f}x (best rounds)"
+            + (
+                f"; paired rounds: median {float(np.median(paired)):.2f}x, {paired[0]:.2f}-{paired[-1]:.2f}x"
+                if len(paired) > 1
+                else ""
+            )
+        )
     return 0
 
 
