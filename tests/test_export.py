@@ -226,11 +226,9 @@ def test_cli_export_errors(tiny_run, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def seed_cnn_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("seed-cnn") / "run"
-    result = run_cli("train", "--epochs", "1", "--workdir", str(workdir), "--progress", "plain")
-    assert result.returncode == 0, result.stderr
-    return workdir
+def seed_cnn_run(seed_cnn_cli_run):
+    """``jax-mnist train --epochs 1``, the run test_end_to_end checks too."""
+    return seed_cnn_cli_run[0]
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli, tiny_config
+from conftest import run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -322,9 +322,7 @@ def one_line_error(result, codes=(1, 2)):
 
 
 @pytest.mark.slow
-def test_the_command_gives_one_line_for_bad_files(tmp_path):
-    from jax_mnist.train import train_and_evaluate
-
+def test_the_command_gives_one_line_for_bad_files(tmp_path, tiny_run_one_epoch):
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text(MALFORMED["bad.yaml"])
     one_line_error(run_cli("train", "--config", str(bad_yaml), "--workdir", str(tmp_path / "r")))
@@ -334,8 +332,7 @@ def test_the_command_gives_one_line_for_bad_files(tmp_path):
     result = run_cli("evaluate", str(garbage))
     one_line_error(result)
 
-    run = tmp_path / "run"
-    train_and_evaluate(tiny_config(epochs=1, model="mlp"), run)
+    run = tiny_run_one_epoch.workdir  # any finished run: the inputs are what is bad
     pickled = tmp_path / "objects.npy"
     pickled.write_bytes(npy_bytes(np.array([{"a": 1}], dtype=object), pickle=True))
     truncated = tmp_path / "cut.png"
