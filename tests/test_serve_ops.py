@@ -327,6 +327,13 @@ def test_a_request_not_answered_within_the_request_timeout_is_504_and_metrics_ca
             assert status == 504 and headers["content-type"] == "application/json"
             assert json.loads(body)["error"] == "no answer within the 1 s the server allows a request"
             # --no-metrics: no /metrics, and none in the API's description.
+            limits = client.get("/api/model").json()["limits"]
+            assert limits == {
+                "max_queue": 256,
+                "request_timeout_s": 1.0,
+                "max_body_bytes": 10 * 1024 * 1024,
+                "max_images": 256,
+            }
             assert client.get("/metrics").status_code == 404
             assert "/metrics" not in client.get("/openapi.json").json()["paths"]
     finally:
@@ -356,6 +363,7 @@ def test_sigterm_stops_accepting_answers_every_request_in_flight_and_exits_0(ser
     server.process.send_signal(signal.SIGTERM)
     wait_until(lambda: "SIGTERM" in server.log(), "the server saw the signal")
     wait_until(lambda: connection_refused(server.port), "no new connections")
+    assert idle.sock.recv(1) == b""  # the idle keep-alive connection was closed
     assert server.process.poll() is None  # still finishing what is in flight
     for i, request in enumerate(held):
         assert_right(request.finish(), expected[i])
@@ -363,7 +371,6 @@ def test_sigterm_stops_accepting_answers_every_request_in_flight_and_exits_0(ser
     output = server.stop()
     assert "SIGTERM: no new connections; finishing 16 prediction requests in flight" in output, output
     assert output.rstrip().endswith("stopped") and "Traceback" not in output, output
-    idle.close()
 
 
 def test_sigint_drains_for_at_most_drain_timeout_then_exits_0(serve_run, tmp_path, digits):

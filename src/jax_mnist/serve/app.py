@@ -356,8 +356,17 @@ def create_app(
     @app.get("/api/model", summary="What model is loaded")
     async def model_info() -> dict[str, Any]:
         """Architecture, parameter count, source run, accuracy and class names of the model,
-        and the batching settings."""
-        return {**description, "batching": {"max_batch": max_batch, "max_wait_ms": 1000 * max_wait}}
+        the batching settings and the limits on requests (0 or null: none)."""
+        return {
+            **description,
+            "batching": {"max_batch": max_batch, "max_wait_ms": 1000 * max_wait},
+            "limits": {
+                "max_queue": max_queue,
+                "request_timeout_s": timeout,
+                "max_body_bytes": max_body,
+                "max_images": MAX_IMAGES,
+            },
+        }
 
     @app.get("/api/stats", summary="How requests were batched")
     async def stats() -> dict[str, Any]:
