@@ -1,16 +1,26 @@
-"""The seed CNN in plain PyTorch, for side-by-side benchmarks (needs the ``bench`` extra).
+"""jax-mnist's networks in plain PyTorch, for side-by-side benchmarks (needs the ``bench`` extra).
 
-Same network (Conv32-ReLU-AvgPool-Conv64-ReLU-AvgPool-Dense256-ReLU-Dropout-Dense10, 3x3
-convolutions padded to keep the size; ``--width`` scales the convolutions as jax-mnist's
-does), same loss (softmax cross-entropy), same optimizer (Adam, 1e-3 unless told), same
-batch and the same input pipeline as jax-mnist: the uint8 training set in memory, a random
-permutation per epoch, each batch gathered, scaled to [0, 1] and normalized with MNIST's
-mean and standard deviation.
+``--model cnn`` (the default) is the seed CNN (Conv32-ReLU-AvgPool-Conv64-ReLU-AvgPool-
+Dense256-ReLU-Dropout-Dense10, 3x3 convolutions padded to keep the size); ``--model
+smallcnn`` the speed runs' CNN as ``--preset speedrun`` trains it (conv 5x5, max pool, conv
+3x3, max pool, dense 256; ``--batch-norm`` after each convolution); ``--width`` scales the
+convolutions as jax-mnist's does. Same loss (softmax cross-entropy), same optimizer (Adam,
+1e-3 unless told; one-cycle as optax's, without PyTorch's momentum cycling), same batch and
+the same input pipeline as jax-mnist: the uint8 training set in memory, a random permutation
+per epoch, each batch gathered, scaled to [0, 1] and normalized with MNIST's mean and
+standard deviation.
+
+``--recipe pytorch-example`` trains instead what a PyTorch user would pick: the network and
+recipe of PyTorch's own MNIST example (pytorch/examples ``mnist/main.py``: conv 32, conv 64,
+max pool, dropout 0.25, dense 128, dropout 0.5; Adadelta at 1.0, the rate times 0.7 after
+every epoch, batch 64), fed by the same in-memory pipeline (the example's DataLoader is slower).
 
 Run directly, it trains to a test accuracy and prints the wall time (used by
-``time_to_accuracy.py``):
+``time_to_accuracy.py``); ``--epochs`` may be fractional, ending part way through the last
+epoch as jax-mnist does:
 
     python benchmarks/torch_reference.py --epochs 3 --lr 2e-3 --schedule onecycle --target 0.99
+    python benchmarks/torch_reference.py --recipe pytorch-example --epochs 14
     python benchmarks/torch_reference.py --device cuda --compile   # on a GPU, torch.compile'd
 
 With ``--device cuda`` the whole dataset is copied to the GPU once and every batch is
@@ -50,6 +60,48 @@ class SeedCNN(nn.Module):
         return self.dense2(self.dropout(x))
 
 
+class SmallCNN(nn.Module):
+    """``--model smallcnn`` of jax-mnist (two convolutions; ``depth`` 2)."""
+
+    def __init__(
+        self, width: int = 24, num_classes: int = 10, dropout: float = 0.0, batch_norm: bool = False
+    ):
+        super().__init__()
+        c2 = round(width * 4 / 3)
+        self.conv1 = nn.Conv2d(1, width, 5, bias=not batch_norm)
+        self.conv2 = nn.Conv2d(width, c2, 3, bias=not batch_norm)
+        # Flax's BatchNorm momentum 0.9 is PyTorch's 0.1 (the weight of the new batch).
+        self.norm1 = nn.BatchNorm2d(width, momentum=0.1) if batch_norm else nn.Identity()
+        self.norm2 = nn.BatchNorm2d(c2, momentum=0.1) if batch_norm else nn.Identity()
+        self.dense = nn.Linear(5 * 5 * c2, 256)
+        self.head = nn.Linear(256, num_classes)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.norm1(self.conv1(x))), 2)
+        x = F.max_pool2d(F.relu(self.norm2(self.conv2(x))), 2)
+        x = F.relu(self.dense(x.flatten(1)))
+        return self.head(self.dropout(x))
+
+
+class ExampleNet(nn.Module):
+    """The network of PyTorch's MNIST example (``pytorch/examples``, ``mnist/main.py``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3, 1)
+        self.conv2 = nn.Conv2d(32, 64, 3, 1)
+        self.dropout1 = nn.Dropout(0.25)
+        self.dropout2 = nn.Dropout(0.5)
+        self.fc1 = nn.Linear(9216, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2)
+        x = F.relu(self.fc1(self.dropout1(x).flatten(1)))
+        return self.fc2(self.dropout2(x))  # the example's log_softmax + nll_loss is this cross-entropy
+
+
 def setup_threads() -> int:
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(threads)
@@ -70,9 +122,13 @@ class Trainer:
         seed: int = 0,
         total_steps: int = 0,
         schedule: str = "constant",
-        width: int = 32,
+        width: int | None = None,
         device: str = "cpu",
         compile: bool = False,
+        model: str = "cnn",
+        batch_norm: bool = False,
+        dropout: float = 0.5,
+        recipe: str = "jax-mnist",
     ):
         torch.manual_seed(seed)
         self.device = torch.device(device)
@@ -81,15 +137,28 @@ class Trainer:
         self.labels = torch.from_numpy(labels.astype(np.int64)).to(self.device)
         self.batch_size = batch_size
         self.channels_last = channels_last
-        self.model = SeedCNN(width).to(self.device)
+        if recipe == "pytorch-example":
+            net = ExampleNet()
+        elif model == "smallcnn":
+            net = SmallCNN(width or 24, dropout=dropout, batch_norm=batch_norm)
+        else:
+            net = SeedCNN(width or 32, dropout=dropout)
+        self.model = net.to(self.device)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.forward = torch.compile(self.model) if compile else self.model
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=lr)
-        self.sched = None
-        if schedule == "onecycle":
-            self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=lr, total_steps=total_steps)
         self.steps_per_epoch = len(self.labels) // batch_size
+        self.sched, self.epoch_sched = None, None
+        if recipe == "pytorch-example":
+            self.opt = torch.optim.Adadelta(self.model.parameters(), lr=lr)
+            self.epoch_sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=1, gamma=0.7)
+        else:
+            self.opt = torch.optim.Adam(self.model.parameters(), lr=lr)
+        if schedule == "onecycle":
+            # optax's cosine_onecycle_schedule: the same phases and factors, no momentum cycling.
+            self.sched = torch.optim.lr_scheduler.OneCycleLR(
+                self.opt, max_lr=lr, total_steps=total_steps, cycle_momentum=False
+            )
         self.position = 0
         self.perm = torch.randperm(len(self.labels), device=self.device)
 
@@ -106,6 +175,8 @@ class Trainer:
         for _ in range(n):
             if self.position == self.steps_per_epoch:
                 self.position, self.perm = 0, torch.randperm(len(self.labels), device=self.device)
+                if self.epoch_sched is not None:
+                    self.epoch_sched.step()
             start = self.position * self.batch_size
             index = self.perm[start : start + self.batch_size]
             self.position += 1
@@ -132,16 +203,31 @@ class Trainer:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=5, help="most epochs to train")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--epochs",
+        type=float,
+        default=5,
+        help="most epochs to train; a fraction ends part way through the last",
+    )
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--model", choices=("cnn", "smallcnn"), default="cnn")
+    parser.add_argument(
+        "--batch-norm", action="store_true", help="smallcnn: batch norm after each convolution"
+    )
+    parser.add_argument("--dropout", type=float, default=0.5)
+    parser.add_argument(
+        "--recipe",
+        choices=("jax-mnist", "pytorch-example"),
+        default="jax-mnist",
+        help="pytorch-example: PyTorch's MNIST example (its network, Adadelta 1.0, x0.7 per epoch, batch 64)",
+    )
     parser.add_argument("--schedule", choices=("constant", "onecycle"), default="constant")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument(
         "--width",
         type=int,
-        default=32,
-        help="channels of the first convolution (the second has twice as many)",
+        help="channels of the first convolution (default: the model's, 32 for cnn and 24 for smallcnn)",
     )
     parser.add_argument("--target", type=float, default=0.99, help="stop at this test accuracy")
     parser.add_argument("--seed", type=int, default=0)
@@ -152,9 +238,13 @@ def main(argv=None) -> int:
     from jax_mnist.config import Config
     from jax_mnist.data import load_dataset
 
+    example = args.recipe == "pytorch-example"
+    args.batch_size = args.batch_size or (64 if example else 128)
+    args.lr = args.lr or (1.0 if example else 1e-3)
     threads = setup_threads()
     data = load_dataset(Config())
     steps_per_epoch = len(data.train_labels) // args.batch_size
+    total_steps = max(1, round(args.epochs * steps_per_epoch))
     trainer = Trainer(
         data.train_images,
         data.train_labels,
@@ -162,15 +252,20 @@ def main(argv=None) -> int:
         lr=args.lr,
         channels_last=args.channels_last,
         seed=args.seed,
-        total_steps=args.epochs * steps_per_epoch,
+        total_steps=total_steps,
         schedule=args.schedule,
         width=args.width,
         device=args.device,
         compile=args.compile,
+        model=args.model,
+        batch_norm=args.batch_norm,
+        dropout=args.dropout,
+        recipe=args.recipe,
     )
     accuracy = 0.0
-    for epoch in range(1, args.epochs + 1):
-        trainer.steps(steps_per_epoch)
+    epochs = -(-total_steps // steps_per_epoch)
+    for epoch in range(1, epochs + 1):
+        trainer.steps(min(steps_per_epoch, total_steps - (epoch - 1) * steps_per_epoch))
         logits = trainer.predict(data.test_images)
         accuracy = float(np.mean(logits.argmax(-1) == data.test_labels))
         elapsed = time.perf_counter() - T_START
@@ -179,7 +274,7 @@ def main(argv=None) -> int:
         if accuracy >= args.target:
             print(f"RESULT reached {accuracy:.4f} after {epoch} epochs in {elapsed:.1f}s")
             return 0
-    print(f"RESULT did not reach {args.target} in {args.epochs} epochs (last {accuracy:.4f})")
+    print(f"RESULT did not reach {args.target} in {args.epochs:g} epochs (last {accuracy:.4f})")
     return 1
 
 
