@@ -255,9 +255,7 @@ def open_study(settings: TuneSettings, *, seed_offset: int = 0):
     seed = int(np.random.SeedSequence([settings.sampler_seed, seed_offset, done]).generate_state(1)[0])
     if settings.sampler == "tpe":
         # constant_liar: trials running in other workers count as bad, so workers spread out.
-        study.sampler = optuna.samplers.TPESampler(
-            seed=seed, constant_liar=True, constraints_func=_short_of_target(settings.cost_target)
-        )
+        study.sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
     else:
         study.sampler = optuna.samplers.RandomSampler(seed=seed)
     if settings.cost_target is not None:
@@ -270,20 +268,6 @@ def open_study(settings: TuneSettings, *, seed_offset: int = 0):
         "none": lambda: optuna.pruners.NopPruner(),
     }[settings.pruner]()
     return study
-
-
-def _short_of_target(target: float | None):
-    """TPE's constraint with a cost target: how far a trial's best validation accuracy fell
-    short of it (feasible at 0 or below). Without it, trials too short to reach the target
-    would count as the cheapest and draw the search to them."""
-    if target is None:
-        return None
-
-    def constraints(trial) -> tuple[float]:
-        accuracies = [accuracy for _, accuracy in trial.user_attrs.get("curve", [])]
-        return (target - max(accuracies, default=0.0),)
-
-    return constraints
 
 
 def counts(study) -> tuple[int, int]:
@@ -339,6 +323,9 @@ def make_objective(settings: TuneSettings, log: Callable[[str], None]):
         cost, reached = training_cost(config, curve, target)
         trial.set_user_attr("curve", curve)
         trial.set_user_attr("reached", reached)
+        # Feasible at 0 or below: TPE ranks trials that fell short of the target after those that
+        # reached it, so the search is not drawn to runs too short to get there.
+        trial.set_constraint("short_of_target", target - value)
         how = "to reach" if reached else "without reaching"
         log(
             f"trial {trial.number}: best val acc {100 * value:.2f}%, {cost:,.0f} GFLOP {how} {100 * target:.2f}%"

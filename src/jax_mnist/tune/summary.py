@@ -12,6 +12,7 @@ import contextlib
 import html
 import json
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,7 @@ def table_cells(rows: list[dict[str, Any]], space: tuple[Param, ...]) -> list[li
         "state",
         "val acc",
         *(["GFLOP to target", "pareto"] if costed else []),
-        "epochs",
+        "evals",  # validation evaluations: one per epoch, a last part-epoch counting as one
     ]
     lines = [header + names]
     for rank, r in enumerate(rows, 1):
@@ -293,7 +294,9 @@ def write_study_report(settings: TuneSettings, study, rows: list[dict[str, Any]]
         )
     importances = {}
     if sum(r["state"] == "complete" for r in rows) >= 2:
-        with contextlib.suppress(Exception):  # too few or too alike trials to assess
+        with contextlib.suppress(Exception), warnings.catch_warnings():  # too few or alike trials
+            # A given target draws PED-ANOVA's reminder that it ranks by low values: it is negated.
+            warnings.simplefilter("ignore", UserWarning)
             importances = import_optuna().importance.get_param_importances(
                 # PED-ANOVA ranks parameters by how they lead to low values: accuracy negated.
                 study,
