@@ -121,9 +121,8 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, how,
 
 
 @pytest.mark.parametrize("how", ["truncate", "delete"])
-def test_all_checkpoints_damaged_is_a_clear_error(tmp_path, how, tiny_run_one_epoch):
-    tiny_run_one_epoch.copy(tmp_path / "run")
-    assert Checkpoints(tmp_path / "run").steps() == [16]  # one checkpoint, as with --keep 1
+def test_all_checkpoints_damaged_is_a_clear_error(tmp_path, how):
+    train_and_evaluate(tiny_config(epochs=1, keep=1), tmp_path / "run")
     _damage_latest(tmp_path / "run", how)
     result = run_cli("evaluate", str(tmp_path / "run"), "--checkpoint", "latest")
     assert result.returncode == 1
@@ -224,14 +223,11 @@ RESUME_CASES = {
         16,
     ),
 }
-# The batch-norm models take most of this test's time: the fast subset resumes the seed CNN.
-SLOW_RESUME_CASES = {"cosine-ema-resnet", "step-vgg-smoothing"}
 
 
-@pytest.mark.parametrize(
-    "case",
-    [pytest.param(c, marks=pytest.mark.slow if c in SLOW_RESUME_CASES else ()) for c in sorted(RESUME_CASES)],
-)
+# Each case trains twice; the fast subset resumes in test_stop_and_resume_equals_straight_run_bit_for_bit.
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(RESUME_CASES))
 def test_resume_from_any_checkpoint_equals_the_run_never_stopped(tmp_path, case):
     changes, step = RESUME_CASES[case]
     config = tiny_config(epochs=2, **changes)
@@ -244,6 +240,7 @@ def test_resume_from_any_checkpoint_equals_the_run_never_stopped(tmp_path, case)
     assert_same_tree(latest_state(resumed_dir), latest_state(tmp_path / "straight"))
 
 
+@pytest.mark.slow  # a training, then the CLI in a subprocess
 def test_a_run_with_a_schedule_over_its_length_refuses_other_epochs(tmp_path):
     config = tiny_config(epochs=1, schedule="onecycle", lr=3e-3)
     train_and_evaluate(config, tmp_path / "run")

@@ -65,6 +65,7 @@ def test_help_explains_each_flag_and_default():
     assert "--batch-size" in result.stdout and "(default: 128)" in result.stdout
 
 
+@pytest.mark.slow  # the seed's script, training in a subprocess
 def test_mnist_jax_script_runs_the_seed_pipeline(tmp_path):
     result = subprocess.run(
         [

@@ -206,6 +206,7 @@ def one_line_error(result: subprocess.CompletedProcess, code: int, *fragments: s
         assert fragment in lines[0]
 
 
+@pytest.mark.slow  # four CLI subprocesses; test_cli_exports_a_run runs the command in the fast subset
 def test_cli_export_errors(tiny_run, tmp_path):
     one_line_error(run_cli("export", str(tmp_path / "nope"), "--format", "onnx"), 1, "nope", "no such run")
     one_line_error(run_cli("export", str(tiny_run), "--format", "tflite"), 2, "--format", "tflite")

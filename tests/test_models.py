@@ -31,7 +31,10 @@ def test_output_shape_and_dtype(name):
     assert create_model(name, num_classes=7)(jnp.zeros((2, 28, 28, 1))).shape == (2, 7)
 
 
-@pytest.mark.parametrize("name", ALL_MODELS)
+# The full-size VGG and ResNet take most of the table's time; smallcnn_bn has batch norm too.
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in ("resnet", "vgg") else n for n in ALL_MODELS]
+)
 def test_training_steps_lower_the_loss_and_evaluation_is_deterministic(name, batch, tmp_path):
     config = Config(model=name, dropout=0.1, lr=3e-3)
     setup = train.create_setup(config, steps_per_epoch=10)
@@ -91,6 +94,9 @@ def test_width_and_depth_knobs(name):
     assert count_params(create_model(name, width=16, depth=3)) > small
 
 
+# Whole runs of a ResNet, evaluated on the 10,000 test images: slow. The fast subset trains
+# batch-norm models in the step test above and in test_inference.py (a ResNet with EMA).
+@pytest.mark.slow
 def test_a_batch_norm_model_trains_end_to_end(tmp_path):
     # Three short epochs: enough for the running statistics (momentum 0.9) to forget their
     # initial values, so evaluation with them is meaningful.
@@ -98,6 +104,7 @@ def test_a_batch_norm_model_trains_end_to_end(tmp_path):
     assert final["test_accuracy"] > 0.6
 
 
+@pytest.mark.slow
 def test_weight_ema_of_a_batch_norm_model_follows_the_weights_early_in_training(tmp_path):
     # With a fixed decay of 0.999 the average after these 48 steps would still be 95% the
     # random initial weights, and evaluating it scores at chance level.

@@ -14,6 +14,8 @@ from jax_mnist.predict import ImageError, load_inputs, to_mnist_form
 from jax_mnist.train import train_and_evaluate
 
 
+# The tests of a trained model run `jax-mnist predict` and `evaluate` in subprocesses on a
+# model trained on 16,384 images: slow. The fast subset keeps the preprocessing tests.
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A seed CNN trained on 16,384 examples for one epoch (about 97% test accuracy)."""
@@ -69,6 +71,7 @@ def test_blank_image_is_refused():
         to_mnist_form(np.full((40, 40), 200, np.uint8), name="white.png")
 
 
+@pytest.mark.slow
 def test_predict_drawn_digits_in_both_polarities_and_photos_of_mnist(trained_run, tmp_path):
     paths, expected = [], []
     for digit in ("0", "1", "7"):
@@ -96,6 +99,7 @@ def test_predict_drawn_digits_in_both_polarities_and_photos_of_mnist(trained_run
         assert p["top"][0][1] >= p["top"][1][1] >= p["top"][2][1]
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_named_and_the_rest_still_predicted(trained_run, tmp_path):
     good = tmp_path / "one.png"
     draw_digit("1").save(good)
@@ -125,6 +129,7 @@ def test_pickled_npy_is_refused(tmp_path):
         load_inputs(path)
 
 
+@pytest.mark.slow
 def test_evaluate_prints_metrics_and_json(trained_run):
     result = run_cli("evaluate", str(trained_run), "--json")
     assert result.returncode == 0, result.stderr
@@ -137,6 +142,7 @@ def test_evaluate_prints_metrics_and_json(trained_run):
     assert "per-class accuracy" in text.stdout and "confusion matrix" in text.stdout
 
 
+@pytest.mark.slow
 def test_evaluate_on_the_validation_split_with_and_without_tta(trained_run):
     result = run_cli("evaluate", str(trained_run), "--split", "val", "--json")
     assert result.returncode == 0, result.stderr
@@ -164,6 +170,7 @@ def test_shift_images_moves_pixels_and_fills_the_edge_with_zero():
     assert (shift_images(image, 0, 0) == image).all() and (0, 0) in TTA_SHIFTS
 
 
+@pytest.mark.slow
 def test_ensemble_of_runs(trained_run, tmp_path):
     other = tmp_path / "other"
     train_and_evaluate(Config(train_size=8192, val_size=1000, epochs=1, seed=1, log_every=64), other)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from conftest import run_cli
 
 from jax_mnist import runtime
@@ -78,6 +79,7 @@ print(os.environ.get("XLA_FLAGS"))
     return python("-c", code, env=env).stdout.splitlines()
 
 
+@pytest.mark.slow  # trains through the CLI in a subprocess
 def test_train_asks_xla_for_deterministic_kernels_before_the_backend_starts(tmp_path):
     flag = "--xla_gpu_deterministic_ops=true"
     assert _flags_after_train(xla_flags=None) == ["backend started: False", flag]
@@ -117,6 +119,7 @@ def _compilations(stderr: str) -> int:
     return stderr.count("Finished XLA compilation") - stderr.count("Persistent compilation cache hit")
 
 
+@pytest.mark.slow  # two trainings through the CLI in subprocesses
 def test_two_runs_are_bit_identical_compile_little_and_the_second_loads_from_the_cache(tmp_path):
     env = _run_twice_env(tmp_path)
     runs = []
