@@ -450,6 +450,25 @@ def fast() -> Config:
     return Config(width=16, epochs=4.0, schedule="onecycle", lr=3e-3, val_size=0)
 
 
+def speedrun() -> Config:
+    """The fewest training FLOPs to 99.1% validation accuracy: the speed runs' small CNN with batch norm, 1.4 epochs."""
+    # Chosen by `jax-mnist tune --cost-target 0.991` (benchmarks/speedrun_space.toml, 64 trials
+    # on the validation split): trial 44 reached 99.10% on the 5,000 validation images after 321
+    # steps (1.5 epochs of the other 55,000), at 240 GFLOP, the cheapest of the trials that got
+    # there (the next: 515 GFLOP). The preset takes the same 322 steps over all 60,000 images.
+    return Config(
+        model="smallcnn_bn",  # conv 24 (5x5) - pool - conv 32 (3x3) - pool - conv 32 (3x3), batch norm
+        width=24,
+        depth=3,
+        dropout=0.0,
+        batch_size=256,
+        lr=0.0123,
+        schedule="onecycle",
+        epochs=1.375,  # 322 steps of 256 over 60,000 images: the trial's 321 over 55,000
+        val_size=0,
+    )
+
+
 def best() -> Config:
     """The highest single-model accuracy: a batch-normalized VGG with augmentation."""
     return Config(
@@ -470,7 +489,7 @@ def best() -> Config:
     )
 
 
-PRESETS = {"seed": seed, "fast": fast, "best": best}
+PRESETS = {"seed": seed, "fast": fast, "speedrun": speedrun, "best": best}
 
 
 def preset_config(name: str) -> Config:

@@ -1,0 +1,73 @@
+"""Test accuracy of a preset over several seeds, once each: the mean and the worst.
+
+    python benchmarks/seeds.py                          # --preset speedrun, seeds 0 to 4
+    python benchmarks/seeds.py --preset fast --seeds 3 -- --epochs 3
+
+Each seed is a fresh ``jax-mnist train --preset P --seed S`` process, timed from launch to
+exit (the first with whatever the compilation cache holds, the others warm: a preset's
+programs do not depend on the seed). The test set is read once per run, at its end, as every
+run reads it; nothing here chooses anything from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import common  # noqa: E402
+
+
+def run_seed(preset: str, seed: int, extra: list[str]) -> tuple[float, float | None]:
+    """``(wall seconds, test accuracy or None)`` of one run."""
+    with tempfile.TemporaryDirectory() as workdir:
+        cmd = [sys.executable, "-m", "jax_mnist", "train", "--preset", preset, "--seed", str(seed)]
+        cmd += [*extra, "--workdir", workdir, "--progress", "plain"]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        metrics = Path(workdir, "metrics.jsonl")
+        records = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
+    tests = [r["test_accuracy"] for r in records if r.get("kind") == "test"]
+    if proc.returncode or not tests:
+        print(proc.stderr[-2000:])
+        return wall, None
+    return wall, tests[-1]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="speedrun")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds 0 to N-1 (default 5)")
+    parser.add_argument("extra", nargs="*", help="more jax-mnist train flags, after --")
+    args = parser.parse_args(argv)
+    print(f"machine: {common.machine().describe()}; load average {common.load_avg()}")
+    results = []
+    for seed in range(args.seeds):
+        wall, accuracy = run_seed(args.preset, seed, args.extra)
+        results.append((wall, accuracy))
+        shown = "failed" if accuracy is None else f"{100 * accuracy:.2f}%"
+        print(f"seed {seed}: test accuracy {shown}, {wall:.1f} s launch to exit")
+    accuracies = [a for _, a in results if a is not None]
+    if len(accuracies) < len(results):
+        return 1
+    walls = [w for w, _ in results]
+    print(
+        f"{args.preset}, {len(accuracies)} seeds: mean {100 * statistics.mean(accuracies):.2f}%, "
+        f"worst {100 * min(accuracies):.2f}%, best {100 * max(accuracies):.2f}%; "
+        f"wall time median {statistics.median(walls):.1f} s (first {walls[0]:.1f} s)"
+    )
+    print(f"load average at the end: {common.load_avg()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
