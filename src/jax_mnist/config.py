@@ -143,6 +143,7 @@ class Config:
         "(1.5: one epoch and half of the next)",
         min=0.0,
         min_exclusive=True,
+        max=10_000.0,  # the steps are int32 counters on the device: at most 600 million here
     )
     batch_size: int = option(128, "examples per training step (global, across all devices)", min=1)
     lr: float = option(1e-3, "peak learning rate", min=0.0, min_exclusive=True)
