@@ -51,13 +51,14 @@ def torch_recipe(config) -> str:
         "smallcnn": "--model smallcnn",
         "smallcnn_bn": "--model smallcnn --batch-norm",
     }
-    if config.model not in models or config.optimizer != "adam" or config.depth not in (0, 2):
+    if config.model not in models or config.optimizer != "adam" or (config.model == "cnn" and config.depth):
         raise SystemExit(
             f"torch_reference.py has no {config.model} trained by {config.optimizer}: give --torch-args"
         )
     if config.schedule not in ("constant", "onecycle") or config.aug_shift or config.label_smoothing:
         raise SystemExit("torch_reference.py trains without augmentation or smoothing: give --torch-args")
     width = f" --width {config.width}" if config.width else ""
+    width += f" --depth {config.depth}" if config.depth else ""
     return (
         f"{models[config.model]}{width} --epochs {config.epochs:g} --batch-size {config.batch_size} "
         f"--lr {config.lr:g} --schedule {config.schedule} --dropout {config.dropout:g} --channels-last"

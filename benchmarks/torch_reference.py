@@ -61,25 +61,36 @@ class SeedCNN(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """``--model smallcnn`` of jax-mnist (two convolutions; ``depth`` 2)."""
+    """``--model smallcnn`` of jax-mnist: ``depth`` convolutions, the first two max-pooled."""
 
     def __init__(
-        self, width: int = 24, num_classes: int = 10, dropout: float = 0.0, batch_norm: bool = False
+        self,
+        width: int = 24,
+        depth: int = 2,
+        num_classes: int = 10,
+        dropout: float = 0.0,
+        batch_norm: bool = False,
     ):
         super().__init__()
         c2 = round(width * 4 / 3)
-        self.conv1 = nn.Conv2d(1, width, 5, bias=not batch_norm)
-        self.conv2 = nn.Conv2d(width, c2, 3, bias=not batch_norm)
+        # (in, out, kernel, padding): 28 -> 24 -> pool 12 -> 10 -> pool 5, then 5x5 kept.
+        shapes = [(1, width, 5, 0)] + [(width if i == 1 else c2, c2, 3, int(i > 1)) for i in range(1, depth)]
+        self.convs = nn.ModuleList(
+            nn.Conv2d(a, b, k, padding=p, bias=not batch_norm) for a, b, k, p in shapes
+        )
         # Flax's BatchNorm momentum 0.9 is PyTorch's 0.1 (the weight of the new batch).
-        self.norm1 = nn.BatchNorm2d(width, momentum=0.1) if batch_norm else nn.Identity()
-        self.norm2 = nn.BatchNorm2d(c2, momentum=0.1) if batch_norm else nn.Identity()
+        self.norms = nn.ModuleList(
+            nn.BatchNorm2d(b, momentum=0.1) if batch_norm else nn.Identity() for _, b, _, _ in shapes
+        )
         self.dense = nn.Linear(5 * 5 * c2, 256)
         self.head = nn.Linear(256, num_classes)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        x = F.max_pool2d(F.relu(self.norm1(self.conv1(x))), 2)
-        x = F.max_pool2d(F.relu(self.norm2(self.conv2(x))), 2)
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
+            x = F.relu(norm(conv(x)))
+            if i < 2:
+                x = F.max_pool2d(x, 2)
         x = F.relu(self.dense(x.flatten(1)))
         return self.head(self.dropout(x))
 
@@ -126,6 +137,7 @@ class Trainer:
         device: str = "cpu",
         compile: bool = False,
         model: str = "cnn",
+        depth: int | None = None,
         batch_norm: bool = False,
         dropout: float = 0.5,
         recipe: str = "jax-mnist",
@@ -140,7 +152,7 @@ class Trainer:
         if recipe == "pytorch-example":
             net = ExampleNet()
         elif model == "smallcnn":
-            net = SmallCNN(width or 24, dropout=dropout, batch_norm=batch_norm)
+            net = SmallCNN(width or 24, depth or 2, dropout=dropout, batch_norm=batch_norm)
         else:
             net = SeedCNN(width or 32, dropout=dropout)
         self.model = net.to(self.device)
@@ -212,6 +224,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--model", choices=("cnn", "smallcnn"), default="cnn")
+    parser.add_argument("--depth", type=int, help="smallcnn: convolutions (default 2)")
     parser.add_argument(
         "--batch-norm", action="store_true", help="smallcnn: batch norm after each convolution"
     )
@@ -258,6 +271,7 @@ def main(argv=None) -> int:
         device=args.device,
         compile=args.compile,
         model=args.model,
+        depth=args.depth,
         batch_norm=args.batch_norm,
         dropout=args.dropout,
         recipe=args.recipe,
