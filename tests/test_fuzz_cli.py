@@ -1,7 +1,7 @@
 """Bad input never gives a traceback: config files, run directories and predict inputs, fuzzed.
 
 Hypothesis drives the library functions the CLI calls (no example can start a training run:
-``train.resolve_run`` decides and validates, then returns) and ``cli.main`` in-process; a few
+``resume.resolve_run`` decides and validates, then returns) and ``cli.main`` in-process; a few
 real subprocess runs of ``jax-mnist`` check the same cases end to end.
 """
 
@@ -27,7 +27,7 @@ from jax_mnist import cli
 from jax_mnist.config import FIELDS, Config, load_config_file
 from jax_mnist.errors import UserError
 from jax_mnist.predict import load_inputs, to_mnist_form
-from jax_mnist.train import resolve_run
+from jax_mnist.resume import resolve_run
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -49,7 +49,7 @@ def test_step_schedule_divides_by_ten_at_half_and_three_quarters():
 
 @pytest.mark.parametrize("schedule", ["cosine", "onecycle", "step"])
 def test_schedules_over_the_run_depend_on_its_length(schedule):
-    # Why --epochs is fixed when a run with these schedules resumes (see train.check_resume_config).
+    # Why --epochs is fixed when a run with these schedules resumes (see resume.check_resume_config).
     short, long = Config(schedule=schedule, epochs=2), Config(schedule=schedule, epochs=4)
     assert short.schedule_spans_run
     assert not np.allclose(lr_at(short, range(20)), lr_at(long, range(20)))

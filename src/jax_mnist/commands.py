@@ -21,8 +21,9 @@ from jax_mnist.errors import ConfigError, UserError
 def cmd_train(args: argparse.Namespace) -> int:
     from jax_mnist.config import load_config_file
     from jax_mnist.parallel import DistributedSettings, initialize_distributed
+    from jax_mnist.resume import resolve_run
     from jax_mnist.runtime import use_deterministic_ops
-    from jax_mnist.train import resolve_run, train_and_evaluate
+    from jax_mnist.train import train_and_evaluate
 
     # XLA reads XLA_FLAGS when JAX starts its backend, which reading a stored run does: so
     # from the flags and the config file, before that (a resumed run's stored setting
