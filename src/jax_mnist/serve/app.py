@@ -23,13 +23,10 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import io
-import json
-import struct
 import time
 from collections.abc import Callable, Sequence
 from importlib import resources
-from typing import Annotated, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
@@ -37,22 +34,25 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
-from PIL import Image
-from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from jax_mnist.predict import ImageError, decode_image, prediction_records, to_mnist_form
+from jax_mnist.predict import ImageError, prediction_records
 from jax_mnist.serve.batcher import MicroBatcher
+from jax_mnist.serve.requests import (
+    SMALL_BYTES,
+    SMALL_PIXELS,
+    ApiError,
+    arrays_from_json,
+    decode_upload,
+    form_file,
+    mnist_form_all,
+    read_body,
+    small_image,
+)
+from jax_mnist.serve.schema import MAX_IMAGES, PREDICT_BODY, PREDICT_RESPONSES, RETRY, Status
 
 STATIC = resources.files("jax_mnist.serve") / "static"
 MAX_BODY_BYTES = 10 * 1024 * 1024
-MAX_IMAGES = 256  # per request
-# Inputs at most this large are preprocessed in the event loop (see _small_image).
-SMALL_BYTES = 64 * 1024
-SMALL_PIXELS = 300 * 300
-# A body over the limit is still read (and dropped) up to this many bytes, so the client,
-# which sends its whole body before it reads the answer, receives the 413 rather than a reset.
-DRAIN_BYTES = 256 * 1024 * 1024
 # What a 503 asks a client to wait before it tries again, in seconds: a full queue empties
 # in a few model calls (milliseconds), a warm-up takes seconds; a second is a fair middle.
 RETRY_AFTER_S = 1
@@ -69,16 +69,6 @@ class ServedModel(Protocol):
         ...
 
     def describe(self) -> dict[str, Any]: ...
-
-
-class ApiError(Exception):
-    """A request the server refuses: answered with ``status`` and ``{"error": message}``."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -117,105 +107,6 @@ class ServingState:
         little later) and answer with a bare 500 and a traceback in the log."""
         if self.drain_at is not None and (deadline.when() is None or deadline.when() > self.drain_at):
             deadline.reschedule(self.drain_at)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 once it passes ``limit`` bytes (counted as it streams:
-    no more than ``limit`` bytes are kept)."""
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size <= limit:
-            chunks.append(chunk)
-        elif size > DRAIN_BYTES:  # past the limit the rest is read and dropped, up to here
-            break
-    if size > limit:
-        raise ApiError(413, f"the request body is larger than the {limit:,} bytes accepted")
-    return b"".join(chunks)
-
-
-def _decode_upload(data: bytes, name: str) -> np.ndarray:
-    """An uploaded image file -> MNIST's form, float32 ``[1, 28, 28]``."""
-    if not data:
-        raise ApiError(400, f"{name}: the image file is empty")
-    return to_mnist_form(decode_image(io.BytesIO(data), name=name), name=name)[None]
-
-
-def _arrays_from_json(body: bytes) -> tuple[list[str], list[np.ndarray]]:
-    """``{"image": [[...]]}`` or ``{"images": [[[...]]], ...}`` -> names and 2-D arrays."""
-    try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError) as e:
-        raise ApiError(400, f"malformed JSON: {e}") from None
-    if not isinstance(payload, dict) or ("image" in payload) == ("images" in payload):
-        raise ApiError(
-            400, 'expected a JSON object with "image" (a 2-D array) or "images" (a list of 2-D arrays)'
-        )
-    if "image" in payload:
-        names, values = ["image"], [payload["image"]]
-    else:
-        values = payload["images"]
-        if not isinstance(values, list) or not values:
-            raise ApiError(400, '"images": expected a non-empty list of 2-D arrays')
-        names = [f"images[{i}]" for i in range(len(values))]
-    if len(values) > MAX_IMAGES:
-        raise ApiError(400, f'"images": at most {MAX_IMAGES} images per request, got {len(values)}')
-    arrays = []
-    for name, value in zip(names, values, strict=True):
-        try:
-            array = np.asarray(value)
-        except (ValueError, TypeError):  # ragged rows
-            raise ApiError(
-                400, f"{name}: expected a 2-D array of numbers with rows of equal length"
-            ) from None
-        if array.dtype.kind not in "iuf":
-            found = {"U": "text", "b": "true/false", "O": "null or mixed values"}.get(
-                array.dtype.kind, "values"
-            )
-            raise ApiError(400, f"{name}: expected a 2-D array of numbers, found {found}")
-        if array.ndim != 2:
-            raise ApiError(400, f"{name}: expected a 2-D array [H, W], got shape {list(array.shape)}")
-        arrays.append(array)
-    return names, arrays
-
-
-def _small_image(data: bytes) -> bool:
-    """Whether an image file is small enough to preprocess in the event loop (about a
-    millisecond) rather than in a thread, whose Python code would compete with the loop."""
-    if len(data) > SMALL_BYTES:
-        return False
-    # A small file can hold a huge image: read its size from the header. PNG's is at a fixed
-    # place; other formats are opened (reading the header only), which costs more.
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
-        width, height = struct.unpack(">II", data[16:24])
-        return width * height <= SMALL_PIXELS
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.width * image.height <= SMALL_PIXELS
-    except Exception:  # not an image: decode_image will say so, quickly
-        return True
-
-
-def _mnist_form_all(names: list[str], arrays: list[np.ndarray]) -> np.ndarray:
-    return np.stack([to_mnist_form(a, name=n) for n, a in zip(names, arrays, strict=True)])
-
-
-async def _form_file(request: Request, body: bytes) -> tuple[str, bytes]:
-    """The first file of a multipart/form-data body already read into ``body``."""
-
-    async def receive() -> dict:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    form = await Request(request.scope, receive).form(max_files=1, max_fields=16)
-    try:
-        for value in form.values():
-            if not isinstance(value, str):  # an UploadFile
-                return value.filename or "upload", await value.read()
-    finally:
-        await form.close()
-    raise ApiError(
-        400, "the multipart form holds no file: send the image as a file field, e.g. -F file=@digit.png"
-    )
 
 
 def warm_up_sizes(max_batch: int) -> list[int]:
@@ -388,7 +279,7 @@ def create_app(
         summary="Whether the model is ready for predictions",
         response_model=Status,
         response_model_exclude_none=True,
-        responses={503: {"model": Status, "description": "warming up, draining or failed", **_RETRY}},
+        responses={503: {"model": Status, "description": "warming up, draining or failed", **RETRY}},
     )
     async def readyz() -> Any:
         """200 once the model has answered its warm-up batches (one of each batch shape it
@@ -417,8 +308,8 @@ def create_app(
     @app.post(
         "/api/predict",
         summary="Predict the class of images",
-        openapi_extra={"requestBody": _PREDICT_BODY},
-        responses=_PREDICT_RESPONSES,
+        openapi_extra={"requestBody": PREDICT_BODY},
+        responses=PREDICT_RESPONSES,
     )
     async def predict(
         request: Request, top: int = Query(1, ge=1, le=len(class_names), description="how many best classes")
@@ -479,21 +370,21 @@ def create_app(
                 )
             if not body:
                 raise ApiError(400, "the request body is empty: send an image file or JSON")
-            form_file = await _form_file(request, body) if content_type == "multipart/form-data" else None
+            upload = await form_file(request, body) if content_type == "multipart/form-data" else None
             # Small inputs are preprocessed here, large ones in a thread so that they do not
             # hold up the other requests.
             if json_type:
                 small = len(body) <= SMALL_BYTES
                 names, arrays = (
-                    _arrays_from_json(body) if small else await asyncio.to_thread(_arrays_from_json, body)
+                    arrays_from_json(body) if small else await asyncio.to_thread(arrays_from_json, body)
                 )
-                work = functools.partial(_mnist_form_all, names, arrays)
+                work = functools.partial(mnist_form_all, names, arrays)
                 small = len(arrays) <= 4 and sum(a.size for a in arrays) <= SMALL_PIXELS
             else:
-                names = [form_file[0] if form_file else "image"]
-                data = form_file[1] if form_file else body
-                work = functools.partial(_decode_upload, data, names[0])
-                small = _small_image(data)
+                names = [upload[0] if upload else "image"]
+                data = upload[1] if upload else body
+                work = functools.partial(decode_upload, data, names[0])
+                small = small_image(data)
             images = work() if small else await asyncio.to_thread(work)
             answer = batcher.submit(images)
         logits = await answer
@@ -503,114 +394,3 @@ def create_app(
         return JSONResponse({"classes": class_names, "predictions": records})
 
     return app
-
-
-_IMAGE_SCHEMA = {"type": "string", "format": "binary"}
-_PREDICT_BODY = {
-    "required": True,
-    "content": {
-        "multipart/form-data": {
-            "schema": {"type": "object", "properties": {"file": _IMAGE_SCHEMA}, "required": ["file"]}
-        },
-        "image/png": {"schema": _IMAGE_SCHEMA},
-        "image/jpeg": {"schema": _IMAGE_SCHEMA},
-        "application/json": {
-            "schema": {
-                "type": "object",
-                "properties": {
-                    "image": {
-                        "type": "array",
-                        "items": {"type": "array", "items": {"type": "number"}},
-                        "description": "one grayscale image [H, W]",
-                    },
-                    "images": {
-                        "type": "array",
-                        "items": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
-                        "minItems": 1,
-                        "maxItems": MAX_IMAGES,
-                        "description": f"up to {MAX_IMAGES} grayscale images, each [H, W]",
-                    },
-                },
-            },
-            "example": {"image": [[0, 0, 0], [0, 255, 0], [0, 255, 0], [0, 0, 0]]},
-        },
-    },
-}
-
-# ---- what the answers look like (the OpenAPI schema; tests/test_serve_ops.py fuzzes against it)
-
-
-class Status(BaseModel):
-    status: str = Field(description="ok, ready, warming up, draining or failed")
-    error: str | None = Field(None, description="why the warm-up failed")
-
-
-class ErrorAnswer(BaseModel):
-    error: str = Field(description="what is wrong, in one line")
-
-
-Probability = Annotated[float, Field(ge=0.0, le=1.0)]
-Row = Annotated[list[Annotated[float, Field(ge=0.0, le=1.0)]], Field(min_length=28, max_length=28)]
-
-
-class Prediction(BaseModel):
-    input: str = Field(description="the upload's file name, image, or images[i]")
-    prediction: int = Field(ge=0, description="the most likely class, an index into classes")
-    label: str = Field(description="its name")
-    probability: Probability
-    probabilities: list[Probability] = Field(description="one per class")
-    top: list[tuple[str, Probability]] = Field(description="the ?top= most likely: [label, probability]")
-    image: Annotated[list[Row], Field(min_length=28, max_length=28)] = Field(
-        description="the 28x28 image the model saw, white on black in [0, 1]"
-    )
-
-
-class PredictAnswer(BaseModel):
-    classes: list[str]
-    predictions: list[Prediction]
-
-
-_RETRY = {
-    "headers": {
-        "Retry-After": {
-            "description": "seconds to wait before trying again",
-            "schema": {"type": "integer", "minimum": 0},
-        }
-    }
-}
-
-
-def _refusal(description: str, **extra) -> dict:
-    return {"model": ErrorAnswer, "description": description, **extra}
-
-
-_PREDICT_RESPONSES = {
-    200: {
-        "model": PredictAnswer,
-        "description": "one prediction per image, with the 28x28 image the model saw",
-        "content": {
-            "application/json": {
-                "example": {
-                    "classes": ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"],
-                    "predictions": [
-                        {
-                            "input": "digit.png",
-                            "prediction": 7,
-                            "label": "7",
-                            "probability": 0.998,
-                            "probabilities": [0.0, 0.0, 0.001, 0.0, 0.0, 0.0, 0.0, 0.998, 0.0, 0.001],
-                            "top": [["7", 0.998]],
-                            "image": [[0.0] * 28] * 28,
-                        }
-                    ],
-                }
-            }
-        },
-    },
-    400: _refusal("not an image, empty, blank, NaN, wrong shape, malformed JSON"),
-    413: _refusal("the body is larger than the limit (10 MB)"),
-    415: _refusal("a content type that is neither an image, a form nor JSON"),
-    422: _refusal("a query parameter out of range (?top=)"),
-    503: _refusal("the server is full (--max-queue) or the model is still warming up", **_RETRY),
-    504: _refusal("not answered within --request-timeout"),
-}
