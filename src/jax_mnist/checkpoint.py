@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +178,8 @@ class Checkpoints:
         if not steps:
             return None
         kind = "best" if manager is self.best else "latest"
+        # Before the first read: a damaged file can fail a read while others are in flight.
+        _silence_reads_left_in_flight()
         for step in steps:
             state_dir = Path(manager.directory) / str(step) / "state"
             try:
@@ -209,7 +212,6 @@ class Checkpoints:
                     return restored.state, dict(restored.meta)
                 except Exception as e:
                     problem = _first_line(e)
-            _silence_reads_left_in_flight()
             warn(f"warning: checkpoint {state_dir.parent} is damaged ({problem}); trying an older one")
             if not self.read_only:
                 self._quarantine(manager, kind, step, warn)
@@ -257,7 +259,8 @@ def _silence_reads_left_in_flight() -> None:
     its event loop while TensorStore still has other reads of that checkpoint in flight. As
     they complete, each tries to wake the closed loop (``RuntimeError: Event loop is closed``)
     or fails in an Orbax coroutine nobody awaits any more, and Python prints each as an
-    "unraisable" traceback. Those reads are of the checkpoint already reported as damaged, so
+    "unraisable" traceback (or, from TensorStore's threads, through ``sys.excepthook`` and
+    ``threading.excepthook``). Those reads are of the checkpoint already reported as damaged, so
     nothing is lost by not printing them; every other unraisable exception still goes to the
     hook that was there before.
     """
@@ -282,6 +285,23 @@ def _silence_reads_left_in_flight() -> None:
 
     hook._jax_mnist_silences_closed_loops = True
     sys.unraisablehook = hook
+
+    # A read whose callback runs on one of TensorStore's threads reports the same error
+    # through sys.excepthook (C++ prints a Python error that way) or threading.excepthook.
+    def closed_loop(error: BaseException | None) -> bool:
+        return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+    previous_excepthook, previous_thread_hook = sys.excepthook, threading.excepthook
+
+    def excepthook(kind, error, traceback) -> None:
+        if not closed_loop(error):
+            previous_excepthook(kind, error, traceback)
+
+    def thread_hook(args) -> None:
+        if not closed_loop(args.exc_value):
+            previous_thread_hook(args)
+
+    sys.excepthook, threading.excepthook = excepthook, thread_hook
 
 
 def _first_line(e: BaseException) -> str:
