@@ -66,6 +66,7 @@ TINY = [
 ]
 
 
+@pytest.mark.slow  # a real Optuna search through the CLI, as the other searches
 def test_a_search_with_a_cost_target_minimizes_the_training_flops_to_reach_it(tmp_path):
     optuna = pytest.importorskip("optuna", reason="the tune tests need Optuna: pip install 'jax-mnist[tune]'")
     space = tmp_path / "space.toml"
