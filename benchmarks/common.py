@@ -154,3 +154,26 @@ def torch_or_none():
         )
         return None
     return torch
+
+
+def run_jax_train(jax_args: list[str]) -> tuple[float, float | None]:
+    """One ``jax-mnist train ARGS`` in a fresh process and a temporary run directory:
+    ``(wall seconds from launch to exit, final test accuracy or None if it failed)``."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as workdir:
+        cmd = [sys.executable, "-m", "jax_mnist", "train", *jax_args, "--workdir", workdir]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        metrics = Path(workdir, "metrics.jsonl")
+        records = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
+    tests = [r for r in records if r.get("kind") == "test"]
+    if proc.returncode or not tests:
+        print(proc.stderr[-2000:])
+        return wall, None
+    return wall, tests[-1]["test_accuracy"]

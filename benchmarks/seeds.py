@@ -12,35 +12,14 @@ run reads it; nothing here chooses anything from it.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import common  # noqa: E402
-
-
-def run_seed(preset: str, seed: int, extra: list[str]) -> tuple[float, float | None]:
-    """``(wall seconds, test accuracy or None)`` of one run."""
-    with tempfile.TemporaryDirectory() as workdir:
-        cmd = [sys.executable, "-m", "jax_mnist", "train", "--preset", preset, "--seed", str(seed)]
-        cmd += [*extra, "--workdir", workdir, "--progress", "plain"]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        metrics = Path(workdir, "metrics.jsonl")
-        records = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
-    tests = [r["test_accuracy"] for r in records if r.get("kind") == "test"]
-    if proc.returncode or not tests:
-        print(proc.stderr[-2000:])
-        return wall, None
-    return wall, tests[-1]
 
 
 def main(argv=None) -> int:
@@ -52,7 +31,8 @@ def main(argv=None) -> int:
     print(f"machine: {common.machine().describe()}; load average {common.load_avg()}")
     results = []
     for seed in range(args.seeds):
-        wall, accuracy = run_seed(args.preset, seed, args.extra)
+        flags = ["--preset", args.preset, "--seed", str(seed), *args.extra, "--progress", "plain"]
+        wall, accuracy = common.run_jax_train(flags)
         results.append((wall, accuracy))
         shown = "failed" if accuracy is None else f"{100 * accuracy:.2f}%"
         print(f"seed {seed}: test accuracy {shown}, {wall:.1f} s launch to exit")

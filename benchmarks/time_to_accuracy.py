@@ -27,11 +27,9 @@ the GPU by itself) are measured in one run:
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -63,21 +61,6 @@ def torch_recipe(config) -> str:
         f"{models[config.model]}{width} --epochs {config.epochs:g} --batch-size {config.batch_size} "
         f"--lr {config.lr:g} --schedule {config.schedule} --dropout {config.dropout:g} --channels-last"
     )
-
-
-def run_jax(jax_args: list[str]) -> tuple[float, float | None]:
-    with tempfile.TemporaryDirectory() as workdir:
-        cmd = [sys.executable, "-m", "jax_mnist", "train", *jax_args, "--workdir", workdir]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        metrics = Path(workdir, "metrics.jsonl")
-        records = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
-    tests = [r for r in records if r.get("kind") == "test"]
-    if proc.returncode or not tests:
-        print(proc.stderr[-2000:])
-        return wall, None
-    return wall, tests[-1]["test_accuracy"]
 
 
 def run_torch(torch_args: list[str], target: float) -> tuple[float, float | None]:
@@ -126,7 +109,7 @@ def main(argv=None) -> int:
         torch_recipes = [f"{r} {device}{extra}" for r in torch_recipes for extra in ("", " --compile")]
     rows = []
     for r in range(args.rounds):
-        wall, acc = run_jax(jax_args)
+        wall, acc = common.run_jax_train(jax_args)
         rows.append(("jax-mnist train " + " ".join(jax_args), wall, acc))
         print(f"round {r + 1}: {rows[-1][0]}: {wall:.1f}s, test accuracy {acc}")
         for recipe in torch_recipes:
