@@ -343,12 +343,12 @@ def training_cost(config: Config, curve: list[tuple[int, float]], target: float)
     the recipe, not of the machine or its load. A run that never reached the target costs what
     it trained in all.
     """
-    from jax_mnist.data.datasets import DATASETS
-    from jax_mnist.models import abstract_model, flops_per_image
+    from flax import nnx
 
-    model = abstract_model(
-        config.model, num_classes=DATASETS[config.dataset].num_classes, width=config.width, depth=config.depth
-    )
+    from jax_mnist.data.datasets import DATASETS
+    from jax_mnist.models import flops_per_image, model_from_config
+
+    model = nnx.eval_shape(model_from_config(config, DATASETS[config.dataset].num_classes))
     images = next((n for n, accuracy in curve if accuracy >= target), None)
     reached = images is not None
     images = images if reached else curve[-1][0]
