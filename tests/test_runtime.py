@@ -36,13 +36,15 @@ import jax_mnist.cli
 heavy = ("jax", "flax", "optax", "orbax", "matplotlib", "tensorboard", "rich")
 loaded = lambda: sorted(m for m in sys.modules if m.split(".")[0] in heavy)
 print("import", loaded())
-for argv in (["--help"], ["presets"], ["datasets"], ["runs", "no-such-folder"]):
+# The last: a new run's bad flag is refused before JAX starts.
+for argv in (["--help"], ["presets"], ["datasets"], ["runs", "no-such-folder"], ["train", "--epochs", "0"]):
     with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
-        jax_mnist.cli.main(argv)
+        code = jax_mnist.cli.main(argv)
     print(argv[0], loaded())
+assert code == 2
 """
     lines = python("-c", code).stdout.splitlines()
-    assert lines == ["import []", "--help []", "presets []", "datasets []", "runs []"]
+    assert lines == ["import []", "--help []", "presets []", "datasets []", "runs []", "train []"]
 
 
 def test_models_counts_parameters_and_flops_from_shapes():
@@ -62,13 +64,17 @@ def _flags_after_train(*flags: str, xla_flags: str | None) -> list[str]:
     code = f"""
 import os, sys
 import jax_mnist.runtime as runtime
-original = runtime.use_deterministic_ops
+original, started = runtime.use_deterministic_ops, []
 def spy(**kw):
-    print("backend started:", runtime.backend_started())
+    started.append(runtime.backend_started())
     return original(**kw)
 runtime.use_deterministic_ops = spy
 from jax_mnist.cli import main
-assert main(["train", "--epochs", "0", *{flags!r}]) == 2  # refused after setting the flags
+# Refused after setting the flags: a validation split larger than the data is found out
+# once the data is read (a bad flag alone is refused before, JAX not even imported).
+assert main(["train", "--val-size", "70000", *{flags!r}]) == 2
+if started:  # the CLI asks, and train_and_evaluate again (for the Python API)
+    print("backend started:", any(started))
 import jax
 jax.devices()  # XLA accepts the flags
 print(os.environ.get("XLA_FLAGS"))

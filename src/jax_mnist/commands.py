@@ -14,17 +14,24 @@ import os
 import sys
 from pathlib import Path
 
-from jax_mnist.config import FIELDS, PRESETS, Config, flag_name, preset_config
+from jax_mnist.config import FIELDS, PRESETS, Config, flag_name, load_config_file, preset_config
 from jax_mnist.errors import ConfigError, UserError
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from jax_mnist.config import load_config_file
-    from jax_mnist.parallel import DistributedSettings, initialize_distributed
-    from jax_mnist.resume import resolve_run
+    from jax_mnist.resume import may_hold_checkpoints, resolve_run
     from jax_mnist.runtime import use_deterministic_ops
-    from jax_mnist.train import train_and_evaluate
 
+    if args.resume and not args.workdir:
+        raise UserError("--resume: give the run directory to resume with --workdir DIR")
+    flags = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
+    workdir = args.workdir or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    # A new run's config comes from the flags, the config file and the preset alone: settle it
+    # now, so that a bad flag or config file is refused in a fraction of a second, before JAX
+    # starts (a run to resume is read from its checkpoints, after JAX is set up below).
+    config = None
+    if not may_hold_checkpoints(workdir):
+        config = resolve_run(workdir, flags, config_file=args.config, resume=args.resume)
     # XLA reads XLA_FLAGS when JAX starts its backend, which reading a stored run does: so
     # from the flags and the config file, before that (a resumed run's stored setting
     # cannot turn it off; it only makes the GPU kernels deterministic).
@@ -33,18 +40,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         deterministic = load_config_file(args.config).get("deterministic")
     if deterministic is not False:
         use_deterministic_ops(warn=_warn)
+    from jax_mnist.parallel import DistributedSettings, initialize_distributed
+    from jax_mnist.train import train_and_evaluate
+
     # Then, before anything (Orbax included) touches a device.
     distributed = DistributedSettings(
         args.coordinator, args.num_processes, args.process_id, args.distributed, args.coordinator_timeout
     )
     if distributed.requested and args.workdir is None:
         raise UserError("--workdir: a multi-process run needs a run directory that every process sees")
-    if args.resume and not args.workdir:
-        raise UserError("--resume: give the run directory to resume with --workdir DIR")
     initialize_distributed(distributed, on_timeout=_exit_with_error)
-    flags = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
-    workdir = args.workdir or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    config = resolve_run(workdir, flags, config_file=args.config, resume=args.resume)
+    if config is None:
+        config = resolve_run(workdir, flags, config_file=args.config, resume=args.resume)
     train_and_evaluate(config, workdir, resume=args.resume)
     return 0
 

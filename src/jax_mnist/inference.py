@@ -25,7 +25,7 @@ from jax_mnist.config import Config
 from jax_mnist.data.datasets import DATASETS, DatasetInfo
 from jax_mnist.errors import UserError
 from jax_mnist.metrics import average_predictions
-from jax_mnist.models import model_from_config
+from jax_mnist.models import initialize, model_from_config
 
 Variables = dict[str, Any]  # {"params": nested dict of arrays, "model_state": nested dict}
 
@@ -238,7 +238,9 @@ def untrained_model(name: str, *, seed: int = 0, **config_changes) -> InferenceM
     """
     config = Config(model=name, seed=seed, **config_changes).validate()
     info = DATASETS[config.dataset]
-    graphdef, params, model_state = nnx.split(model_from_config(config, info.num_classes)(), nnx.Param, ...)
+    model = initialize(model_from_config(config, info.num_classes))
+    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+    params, model_state = nnx.to_pure_dict(params), nnx.to_pure_dict(model_state)
     rng = np.random.default_rng(seed)
 
     def randomize(path, x):
@@ -248,6 +250,5 @@ def untrained_model(name: str, *, seed: int = 0, **config_changes) -> InferenceM
             return jnp.asarray(rng.uniform(0.5, 2.0, x.shape), x.dtype)
         return x
 
-    model_state = jax.tree_util.tree_map_with_path(randomize, nnx.to_pure_dict(model_state))
-    variables = {"params": nnx.to_pure_dict(params), "model_state": model_state}
+    variables = {"params": params, "model_state": jax.tree_util.tree_map_with_path(randomize, model_state)}
     return InferenceModel(config, info, graphdef, variables, {"step": 0})

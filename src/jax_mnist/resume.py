@@ -3,7 +3,9 @@
 :func:`resolve_run` is the one place that decides: a run directory with a checkpoint resumes
 with its stored config and the flags given on top, as long as they change nothing the run
 computes (:func:`check_resume_config`); without one a new run starts from the preset and the
-flags. ``jax-mnist train`` asks it before building anything, so a refusal is one line.
+flags. ``jax-mnist train`` asks it before building anything, so a refusal is one line; for a
+directory without checkpoints it reads no file but the config file and imports no JAX, so a
+bad flag is refused before JAX starts.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from jax_mnist.checkpoint import Checkpoints
 from jax_mnist.config import SCHEDULE_ONLY_FIELDS, Config, resolve_config
 from jax_mnist.errors import UserError
 
@@ -43,6 +44,13 @@ def check_resume_config(stored: Config, config: Config, workdir: Path) -> None:
         )
 
 
+def may_hold_checkpoints(workdir: str | Path) -> bool:
+    """Whether ``workdir`` has anything in its checkpoints folder (False: a new run starts,
+    and :func:`resolve_run` reads nothing of it)."""
+    folder = Path(workdir) / "checkpoints"
+    return folder.is_dir() and any(folder.iterdir())
+
+
 def resolve_run(
     workdir: str | Path,
     given: Config | dict[str, Any],
@@ -70,7 +78,9 @@ def resolve_run(
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"--workdir: {workdir} is a file, not a run directory")
     stored = None
-    if (workdir / "checkpoints").is_dir():
+    if may_hold_checkpoints(workdir):
+        from jax_mnist.checkpoint import Checkpoints  # Orbax and JAX: only for a run to resume
+
         checkpoints = Checkpoints(workdir, read_only=True)
         try:
             stored = checkpoints.read_config() if checkpoints.steps() else None
