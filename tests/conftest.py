@@ -23,10 +23,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The persistent compilation cache stays on in tests, but in a folder of this session rather
 # than the user's: set before JAX is imported (it reads the variable then), and inherited by
-# the CLI subprocesses.
-_XLA_CACHE = tempfile.mkdtemp(prefix="jax-mnist-tests-xla-")
-os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
-atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+# the CLI subprocesses and by pytest-xdist's workers, which so share what each compiled.
+if "JAX_MNIST_TESTS_XLA_CACHE" not in os.environ:  # the first pytest process: make it
+    os.environ["JAX_MNIST_TESTS_XLA_CACHE"] = tempfile.mkdtemp(prefix="jax-mnist-tests-xla-")
+    atexit.register(shutil.rmtree, os.environ["JAX_MNIST_TESTS_XLA_CACHE"], ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["JAX_MNIST_TESTS_XLA_CACHE"]
 # Tolerances here are float32 rounding. On GPUs, XLA's default precision multiplies float32
 # matrices in TF32 (10-bit mantissa); full float32 keeps the tolerances the same on every
 # backend. XLA:CPU computes float32 in full either way (the same bits, checked).
@@ -80,6 +81,13 @@ def tiny_run(tmp_path_factory) -> TrainedRun:
 def tiny_run_one_epoch(tmp_path_factory) -> TrainedRun:
     """``tiny_config(epochs=1)``: 16 steps, one checkpoint (step 16)."""
     return _train_once(tmp_path_factory, "tiny-run-1", tiny_config(epochs=1))
+
+
+@pytest.fixture(scope="session")
+def lenet5_run(tmp_path_factory) -> Path:
+    """``tiny_config(model="lenet5", epochs=1)``'s directory, read only: a model of another
+    architecture than the seed's, with max pooling (export's and the ONNX engine's tests)."""
+    return _train_once(tmp_path_factory, "lenet5-run", tiny_config(model="lenet5", epochs=1)).workdir
 
 
 @pytest.fixture(scope="session")

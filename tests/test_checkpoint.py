@@ -121,8 +121,8 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, how,
 
 
 @pytest.mark.parametrize("how", ["truncate", "delete"])
-def test_all_checkpoints_damaged_is_a_clear_error(tmp_path, how):
-    train_and_evaluate(tiny_config(epochs=1, keep=1), tmp_path / "run")
+def test_all_checkpoints_damaged_is_a_clear_error(tmp_path, how, tiny_run_one_epoch):
+    tiny_run_one_epoch.copy(tmp_path / "run")  # its one checkpoint
     _damage_latest(tmp_path / "run", how)
     result = run_cli("evaluate", str(tmp_path / "run"), "--checkpoint", "latest")
     assert result.returncode == 1

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import run_cli, tiny_config
+from conftest import run_cli
 
 from jax_mnist.config import Config
 from jax_mnist.data import load_dataset
@@ -170,25 +170,18 @@ def test_uint8_input_and_reproducible_export(tmp_path, test_images):
     assert np.abs(run_onnx(tmp_path / "a.export_onnx", images) - reference).max() <= TOLERANCE
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    from jax_mnist.train import train_and_evaluate
-
-    workdir = tmp_path_factory.mktemp("tiny") / "run"
-    train_and_evaluate(tiny_config(epochs=1, model="lenet5"), workdir)
-    return workdir
-
-
-def test_cli_exports_a_run(tiny_run, tmp_path, test_images):
+def test_cli_exports_a_run(lenet5_run, tmp_path, test_images):
     out = tmp_path / "lenet.onnx"
-    result = run_cli("export", str(tiny_run), "--format", "onnx", "--out", str(out), "--checkpoint", "latest")
+    result = run_cli(
+        "export", str(lenet5_run), "--format", "onnx", "--out", str(out), "--checkpoint", "latest"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [str(out), str(sidecar_path(out))]
     meta = json.loads(sidecar_path(out).read_text())
-    model = load_model(tiny_run, "latest")
+    model = load_model(lenet5_run, "latest")
     description = model.describe()
     assert meta["source"] == {
-        "run": str(tiny_run),
+        "run": str(lenet5_run),
         "step": description["step"],
         "epoch": description["epoch"],
     }
@@ -207,16 +200,16 @@ def one_line_error(result: subprocess.CompletedProcess, code: int, *fragments: s
 
 
 @pytest.mark.slow  # four CLI subprocesses; test_cli_exports_a_run runs the command in the fast subset
-def test_cli_export_errors(tiny_run, tmp_path):
+def test_cli_export_errors(lenet5_run, tmp_path):
     one_line_error(run_cli("export", str(tmp_path / "nope"), "--format", "onnx"), 1, "nope", "no such run")
-    one_line_error(run_cli("export", str(tiny_run), "--format", "tflite"), 2, "--format", "tflite")
+    one_line_error(run_cli("export", str(lenet5_run), "--format", "tflite"), 2, "--format", "tflite")
     one_line_error(
-        run_cli("export", str(tiny_run), "--format", "onnx", "--input-dtype", "int8"), 2, "--input-dtype"
+        run_cli("export", str(lenet5_run), "--format", "onnx", "--input-dtype", "int8"), 2, "--input-dtype"
     )
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     one_line_error(
-        run_cli("export", str(tiny_run), "--format", "stablehlo", "--out", str(blocker / "m.stablehlo")),
+        run_cli("export", str(lenet5_run), "--format", "stablehlo", "--out", str(blocker / "m.stablehlo")),
         1,
         "--out",
         "cannot write",

@@ -14,7 +14,7 @@ from jax_mnist.train import abstract_train_state, create_setup, train_and_evalua
 @pytest.fixture(scope="module")
 def ema_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("inference") / "run"
-    train_and_evaluate(tiny_config(model="resnet", epochs=2, ema_decay=0.9, lr=3e-3), workdir)
+    train_and_evaluate(tiny_config(model="smallcnn_bn", epochs=2, ema_decay=0.9, lr=3e-3), workdir)
     return workdir
 
 
@@ -53,7 +53,7 @@ def test_predictions_match_the_runs_own_test_evaluation(ema_run):
 def test_describe_and_bad_shapes(ema_run):
     model = load_model(ema_run)
     facts = model.describe()
-    assert facts["model"] == "resnet" and facts["classes"] == [str(d) for d in range(10)]
+    assert facts["model"] == "smallcnn_bn" and facts["classes"] == [str(d) for d in range(10)]
     assert facts["parameters"] == model.num_params and facts["test_accuracy"] is not None
     assert facts["run"] == str(ema_run)
     with pytest.raises(UserError, match=r"expected images of shape \[N, 28, 28\], got \[2, 28\]"):

@@ -15,7 +15,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from conftest import ServerProcess, run_cli, tiny_config
+from conftest import ServerProcess, run_cli
 from PIL import Image
 
 from jax_mnist.config import Config
@@ -211,20 +211,15 @@ def test_batcher_refuses_bad_settings():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(serve_run):
-    return serve_run  # trained once per session (conftest), shared with test_serve_ops.py
-
-
-@pytest.fixture(scope="module")
-def model(tiny_run):
+def model(serve_run):
     from jax_mnist.inference import load_model
 
-    return load_model(tiny_run)
+    return load_model(serve_run)
 
 
 @pytest.fixture(scope="module")
-def server(tiny_run, tmp_path_factory):
-    server = ServerProcess(tiny_run, log_dir=tmp_path_factory.mktemp("log"))
+def server(serve_run, tmp_path_factory):
+    server = ServerProcess(serve_run, log_dir=tmp_path_factory.mktemp("log"))
     yield server
     output = server.stop()
     # Nothing a request sent made the server print a traceback.
@@ -256,11 +251,11 @@ def expected_probabilities(model, png: bytes) -> np.ndarray:
     return softmax(model.predict_logits(to_mnist_form(decode_image(io.BytesIO(png)))[None]))[0]
 
 
-def test_api_model_describes_what_is_loaded(client, tiny_run, model):
+def test_api_model_describes_what_is_loaded(client, serve_run, model):
     info = client.get("/api/model").json()
     assert info["model"] == "cnn" and info["parameters"] == model.num_params
     assert info["classes"] == [str(i) for i in range(10)]
-    assert info["run"] == str(tiny_run) and info["test_accuracy"] == model.describe()["test_accuracy"]
+    assert info["run"] == str(serve_run) and info["test_accuracy"] == model.describe()["test_accuracy"]
     assert info["batching"] == {"max_batch": 64, "max_wait_ms": 5.0}
     assert info["engine"] == "JAX (auto: JAX is the faster engine for cnn)"
 
@@ -425,8 +420,8 @@ def test_a_burst_of_concurrent_requests_is_batched_and_each_caller_gets_its_own_
     assert after["largest_batch"] <= 64
 
 
-def test_batching_off_with_max_batch_1(tiny_run, tmp_path, digits):
-    server = ServerProcess(tiny_run, "--max-batch", "1", log_dir=tmp_path)
+def test_batching_off_with_max_batch_1(serve_run, tmp_path, digits):
+    server = ServerProcess(serve_run, "--max-batch", "1", log_dir=tmp_path)
     try:
         with httpx.Client(base_url=server.url, timeout=60) as client:
             assert client.get("/api/model").json()["batching"]["max_batch"] == 1
@@ -459,12 +454,10 @@ def test_auto_engine_is_onnx_runtime_where_it_is_faster_on_a_cpu_and_jax_elsewhe
     assert choose_engine(untrained_model("cnn"), "onnx") == ("onnx", "--engine onnx")
 
 
-def test_a_lenet5_run_is_served_by_onnx_runtime_with_the_answers_of_jax(tmp_path, digits):
+def test_a_lenet5_run_is_served_by_onnx_runtime_with_the_answers_of_jax(lenet5_run, tmp_path, digits):
     from jax_mnist.inference import load_model
-    from jax_mnist.train import train_and_evaluate
 
-    run_dir = tmp_path / "lenet5"
-    train_and_evaluate(tiny_config(model="lenet5", epochs=1), run_dir)
+    run_dir = lenet5_run
     jax_model = load_model(run_dir)
     server = ServerProcess(run_dir, log_dir=tmp_path)
     try:
@@ -481,7 +474,7 @@ def test_a_lenet5_run_is_served_by_onnx_runtime_with_the_answers_of_jax(tmp_path
     assert "engine: ONNX Runtime" in output and "Traceback" not in output
 
 
-def test_serve_errors_are_one_line(tiny_run, tmp_path):
+def test_serve_errors_are_one_line(serve_run, tmp_path):
     missing = run_cli("serve", str(tmp_path / "nothing"), timeout=120)
     assert missing.returncode == 1
     assert (
@@ -493,7 +486,7 @@ def test_serve_errors_are_one_line(tiny_run, tmp_path):
     result = run_cli("serve", str(junk), timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and str(junk) in result.stderr
-    assert run_cli("serve", str(tiny_run), "--max-batch", "0", timeout=120).returncode == 2
+    assert run_cli("serve", str(serve_run), "--max-batch", "0", timeout=120).returncode == 2
     engine_for_a_file = run_cli("serve", str(junk), "--engine", "jax", timeout=120)
     assert engine_for_a_file.returncode == 2
     assert engine_for_a_file.stderr.strip() == (
@@ -506,7 +499,7 @@ def test_serve_errors_are_one_line(tiny_run, tmp_path):
             sys.executable,
             "-c",
             "import sys; sys.modules['fastapi'] = None; from jax_mnist.cli import main; "
-            f"sys.exit(main(['serve', {str(tiny_run)!r}]))",
+            f"sys.exit(main(['serve', {str(serve_run)!r}]))",
         ],
         capture_output=True,
         text=True,
@@ -519,7 +512,7 @@ def test_serve_errors_are_one_line(tiny_run, tmp_path):
     )
     with socket.create_server(("127.0.0.1", 0)) as taken_socket:
         port = taken_socket.getsockname()[1]
-        taken = run_cli("serve", str(tiny_run), "--port", str(port), timeout=300)
+        taken = run_cli("serve", str(serve_run), "--port", str(port), timeout=300)
     assert taken.returncode == 1 and "Traceback" not in taken.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in taken.stderr
 

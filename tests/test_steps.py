@@ -70,7 +70,7 @@ def test_logged_training_loss_is_the_plain_cross_entropy_under_label_smoothing()
 
 
 def test_weight_ema_averages_the_batch_statistics_too():
-    config = Config(model="resnet", ema_decay=0.9)
+    config = Config(model="smallcnn_bn", ema_decay=0.9)  # a model with batch statistics
     setup = train.create_setup(config, steps_per_epoch=10)
     state = train.create_train_state(setup)
     arrays = load_dataset(config)
