@@ -59,6 +59,11 @@ def _manager(
         # are written by a background thread while training goes on. Checkpoints.close()
         # waits for them, so a save is on disk before the process exits, on Ctrl-C too.
         enable_async_checkpointing=async_save,
+        # With several processes, both managers may save the same step at once: their
+        # barriers need names of their own (Orbax names them by step alone).
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix="best" if best else "latest"
+        ),
     )
     return ocp.CheckpointManager(
         directory.absolute(), options=options, item_names=("state", "meta", "config")

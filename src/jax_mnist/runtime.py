@@ -10,7 +10,8 @@ persistent compilation cache.
 - **Compilation cache.** JAX can keep compiled programs on disk and load them in later runs
   instead of compiling again. jax-mnist points it at ``<user cache>/xla`` (e.g.
   ``~/.cache/jax-mnist/xla``), a folder only the user can write to: JAX runs what it loads
-  from there, so a folder others can write to is refused.
+  from there, so a folder others can write to is refused. A run of several processes on CPUs
+  does without it (see :func:`use_compilation_cache`).
 
 Nothing here imports JAX at module level, so the CLI can call it before JAX starts.
 """
@@ -122,14 +123,24 @@ def use_compilation_cache(
     program is cached, however fast it compiled, unless the user set JAX's own threshold
     (``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS``). Call before the first compilation.
 
+    Call it after joining a multi-process run: a run of several processes on CPUs turns the
+    cache off (JAX 0.12's Gloo collectives hang in programs loaded from it).
+
     Returns:
       The cache folder in use, or None (switched off with ``JAX_MNIST_COMPILATION_CACHE=0``,
-      or refused).
+      refused, or a multi-process CPU run).
     """
     if cache_switched_off():
         return None
     import jax
 
+    if multi_process_cpu():
+        # Since JAX 0.12, a CPU program loaded from the persistent cache never completes its
+        # first collective across processes (Gloo): both processes wait in it for ever, while
+        # the same program compiled afresh runs. So such a run compiles what it runs, also
+        # when the user pointed JAX at a cache folder.
+        jax.config.update("jax_enable_compilation_cache", False)
+        return None
     path = jax.config.jax_compilation_cache_dir
     if not path:
         folder = compilation_cache_dir(cache_dir)
@@ -140,6 +151,13 @@ def use_compilation_cache(
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_TIME_S)
     return path
+
+
+def multi_process_cpu() -> bool:
+    """Whether this process is one of several (``jax.distributed``) training on CPUs."""
+    import jax
+
+    return jax.process_count() > 1 and jax.default_backend() == "cpu"
 
 
 def run_once_compiler_options() -> dict[str, int] | None:
