@@ -49,8 +49,8 @@ def run_pair(
     workdir: Path,
     dump_dir: Path,
     *flags: str,
-    timeout: float = 240,
-    expect_exit: int = 0,
+    timeout: float = 150,
+    expect_exit: int | None = 0,
     while_running=None,
 ) -> list[str]:
     """Runs ``jax-mnist train`` as processes 0 and 1 of one run; returns their outputs.
@@ -75,6 +75,8 @@ def run_pair(
             while_running(procs, logs, deadline)
         for p in procs:
             p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:  # a hang fails this test alone, with what each printed
+        pytest.fail(f"the pair ran past {timeout} s:\n" + "\n".join(log.read_text() for log in logs))
     finally:
         for p in procs:
             if p.poll() is None:
@@ -82,7 +84,9 @@ def run_pair(
                 p.wait()
     outputs = [log.read_text() for log in logs]
     for i, (p, out) in enumerate(zip(procs, outputs, strict=True)):
-        assert p.returncode == expect_exit, f"process {i} exited with {p.returncode}:\n{out}"
+        assert expect_exit is None or p.returncode == expect_exit, (
+            f"process {i} exited with {p.returncode}:\n{out}"
+        )
     return outputs
 
 
@@ -216,6 +220,40 @@ def test_a_signal_to_one_process_stops_both_after_the_same_step(tmp_path):
     step = int(re.search(r"SIGTERM at step (\d+)", lines[0]).group(1))
     assert 16 < step < 320 and lines[0] == lines[1], lines
     assert step in Checkpoints(run_dir).steps()
+
+
+@pytest.mark.slow
+def test_a_process_stuck_in_a_collective_still_stops_on_a_signal(tmp_path):
+    """Process 0 is frozen (SIGSTOP), so process 1 waits in a collective that never returns:
+    SIGTERM cannot be acted on at a chunk boundary, and ends process 1 after the grace time."""
+    stopped_at = {}
+
+    def freeze_0_then_signal_1(procs, logs, deadline):
+        while "Epoch 2, Loss" not in logs[0].read_text():
+            assert time.monotonic() < deadline and procs[0].poll() is None, logs[0].read_text()
+            time.sleep(0.2)
+        procs[0].send_signal(signal.SIGSTOP)
+        time.sleep(1)
+        procs[1].send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        procs[1].wait(timeout=90)
+        stopped_at["after"], stopped_at["code"] = time.monotonic() - start, procs[1].returncode
+        procs[0].kill()
+
+    outputs = run_pair(
+        tmp_path / "run",
+        tmp_path / "dumps",
+        "--epochs",
+        "50",
+        expect_exit=None,
+        while_running=freeze_0_then_signal_1,
+    )
+    assert 29 <= stopped_at["after"] < 60 and stopped_at["code"] == 128 + signal.SIGTERM
+    assert outputs[1].strip().splitlines()[-1] == (
+        "jax-mnist: SIGTERM not acted on within 30 s (the run is stuck, e.g. waiting for another "
+        "process of the run): stopped at once, without saving a checkpoint. Resume from the last one "
+        f"with: jax-mnist train --workdir {tmp_path / 'run'} --resume"
+    )
 
 
 # -- joining fails clearly, in bounded time ------------------------------------------------------

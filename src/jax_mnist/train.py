@@ -9,7 +9,6 @@ chunk nothing waits on Python.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import signal
@@ -46,6 +45,7 @@ from jax_mnist.parallel import (
 )
 from jax_mnist.plan import plan_chunks
 from jax_mnist.resume import resolve_run
+from jax_mnist.signals import StopSignals
 
 
 class TrainingInterrupted(UserError):
@@ -199,29 +199,6 @@ def prepare_jax(config: Config) -> None:
         runtime.use_compilation_cache(config.cache_dir)
 
 
-class _StopSignals:
-    """Turns the first SIGINT/SIGTERM into a request to stop at the next chunk boundary."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __enter__(self):
-        with contextlib.suppress(ValueError):  # not in the main thread: leave signals alone
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def train_and_evaluate(
     config: Config,
     workdir: str | Path,
@@ -324,7 +301,7 @@ def _train(
         checkpoint_every=config.checkpoint_every,
         checkpoint_every_steps=config.checkpoint_every_steps,
     )
-    with _StopSignals() as stop:
+    with StopSignals(f"jax-mnist train --workdir {workdir} --resume") as stop:
         for chunk in chunks:
             position = chunk.start - chunk.epoch * steps_per_epoch
             # The last epoch is shorter when the run ends part way through it.
@@ -387,7 +364,9 @@ def _train(
 
             # One reading of the signal decides both the save and the stop: a signal that lands
             # in between waits for the next chunk instead of stopping without a checkpoint.
-            signum = agree_on_signal(stop.signum)  # all processes stop at the same step
+            signum = agree_on_signal(stop.check())  # all processes stop at the same step
+            if signum is not None:
+                stop.acknowledge()  # stopping: the save below takes what it takes
             if chunk.checkpoint or signum is not None:
                 meta = {
                     "step": step,
