@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import threading
@@ -34,9 +35,11 @@ import jax
 import orbax.checkpoint as ocp
 
 from jax_mnist.config import Config
-from jax_mnist.errors import UserError
+from jax_mnist.errors import UserError, WriteError
 
-KINDS = ("latest", "best")
+# What Orbax calls a checkpoint it is still writing (``64.orbax-checkpoint-tmp``, in older
+# versions with a timestamp after it): renamed to its step when complete.
+UNFINISHED = "*.orbax-checkpoint-tmp*"
 
 
 class CheckpointMismatch(UserError):
@@ -88,6 +91,9 @@ class Checkpoints:
                 f"{workdir}: no checkpoints here; train with `jax-mnist train --workdir {workdir}` first"
             )
         async_save = async_save and not read_only
+        if not read_only:
+            # A save that fails (a full disk) leaves TensorStore writes in flight as Orbax gives up.
+            _silence_reads_left_in_flight()
         self.latest = _manager(
             self.root / "latest", keep, best=False, read_only=read_only, async_save=async_save
         )
@@ -255,6 +261,43 @@ class Checkpoints:
                 self.latest.close()
             finally:
                 self.best.close()
+
+
+def complete_steps(workdir: Path) -> list[int]:
+    """The steps of a run directory's complete latest checkpoints (what training resumes from)."""
+    return sorted(
+        int(d.name) for d in _subfolders(Path(workdir) / "checkpoints" / "latest") if d.name.isdigit()
+    )
+
+
+def remove_unfinished(workdir: Path) -> list[Path]:
+    """Removes the checkpoints a failed save or a crash left half-written; returns them."""
+    unfinished = sorted((Path(workdir) / "checkpoints").glob(f"*/{UNFINISHED}"))
+    for path in unfinished:
+        shutil.rmtree(path, ignore_errors=True)
+    return unfinished
+
+
+def write_error(workdir: Path, path: str, errno: int) -> WriteError:
+    """The one line for a refused write: what, why, and the checkpoint the run resumes from."""
+    # A checkpoint being saved: named by its folder, not by the file inside that failed.
+    unfinished = re.match(rf"(.*{re.escape(os.sep)}(\d+))\.orbax-checkpoint-tmp", path)
+    if unfinished:
+        path = f"the checkpoint {unfinished.group(1)}"
+    remove_unfinished(workdir)  # a save cut short leaves nothing half-written behind
+    steps = complete_steps(workdir)
+    resume = (
+        f"the run can resume from its checkpoint at step {steps[-1]}"
+        if steps
+        else "no checkpoint was complete, so the run starts over"
+    )
+    return WriteError(
+        f"{path}: cannot write ({os.strerror(errno)}); {resume}: make room and run the same command again"
+    )
+
+
+def _subfolders(path: Path) -> list[Path]:
+    return [d for d in path.iterdir() if d.is_dir()] if path.is_dir() else []
 
 
 def _silence_reads_left_in_flight() -> None:

@@ -20,6 +20,7 @@ from jax_mnist.errors import ConfigError, UserError
 
 def cmd_train(args: argparse.Namespace) -> int:
     from jax_mnist.resume import may_hold_checkpoints, resolve_run
+    from jax_mnist.rundir import TRAIN_HOLDER, TRAIN_LOCK, check_can_write
     from jax_mnist.runtime import use_deterministic_ops
 
     if args.resume and not args.workdir:
@@ -29,6 +30,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     # A new run's config comes from the flags, the config file and the preset alone: settle it
     # now, so that a bad flag or config file is refused in a fraction of a second, before JAX
     # starts (a run to resume is read from its checkpoints, after JAX is set up below).
+    if args.process_id in (None, 0):  # process 0 writes, and holds the run's lock
+        check_can_write(workdir, TRAIN_LOCK, TRAIN_HOLDER)  # before JAX starts: refused at once
     config = None
     if not may_hold_checkpoints(workdir):
         config = resolve_run(workdir, flags, config_file=args.config, resume=args.resume)

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from jax_mnist.rundir import write_atomically
+
 PROGRESS_MODES = ("auto", "bar", "plain")
 _event_file_ids = itertools.count()  # two writers in one process and second get distinct files
 
@@ -179,12 +181,8 @@ class RunLogger:
             self.events.start_step = step
         if not (self.enabled and self.metrics_path and self.metrics_path.exists()):
             return
-        kept = [
-            line
-            for line in self.metrics_path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
-        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        kept = [line for line in self.metrics_path.read_text().splitlines() if _logged_by(line, step)]
+        write_atomically(self.metrics_path, "".join(line + "\n" for line in kept))
 
     def record(self, record: dict[str, Any]) -> None:
         if self.enabled and self.metrics_path is not None:
@@ -272,3 +270,12 @@ class RunLogger:
         self._stop_bar()
         if self.events is not None:
             self.events.close()
+
+
+def _logged_by(line: str, step: int) -> bool:
+    """Whether a line of metrics.jsonl is a whole record of ``step`` or before. A last line
+    cut short (the disk filled up while it was written) is no record."""
+    try:
+        return json.loads(line).get("step", 0) <= step
+    except ValueError:
+        return False

@@ -9,8 +9,10 @@ chunk nothing waits on Python.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -26,11 +28,11 @@ from jax.sharding import PartitionSpec as P
 
 from jax_mnist import runtime, steps
 from jax_mnist.augment import AugmentSettings
-from jax_mnist.checkpoint import Checkpoints
+from jax_mnist.checkpoint import Checkpoints, write_error
 from jax_mnist.config import Config
 from jax_mnist.data import Arrays, load_dataset
 from jax_mnist.data.datasets import DATASETS, DatasetInfo, split_validation
-from jax_mnist.errors import UserError
+from jax_mnist.errors import UserError, write_failure
 from jax_mnist.logs import RunLogger
 from jax_mnist.metrics import classification_metrics
 from jax_mnist.models import fastconv, model_from_config
@@ -45,6 +47,7 @@ from jax_mnist.parallel import (
 )
 from jax_mnist.plan import plan_chunks
 from jax_mnist.resume import resolve_run
+from jax_mnist.rundir import TRAIN_HOLDER, TRAIN_LOCK, DirectoryLock, write_atomically
 from jax_mnist.signals import StopSignals
 
 
@@ -231,13 +234,23 @@ def train_and_evaluate(
     # The data too: a damaged file, or a setting the dataset cannot meet, leaves no run directory.
     arrays = load_dataset(config, test=evaluate_test)
     config.check_against_data(len(arrays.train_images))
-    with (
-        RunLogger(workdir, enabled=main, progress=config.progress, tensorboard=config.tensorboard) as logger,
-        Checkpoints(workdir, config.keep) as checkpoints,
-    ):
-        return _train(
-            config, arrays, workdir, mesh, logger, checkpoints, main, t_start, evaluate_test, on_epoch
-        )
+    # One writer per run directory: process 0 holds its lock until every file is closed.
+    with DirectoryLock(workdir, TRAIN_LOCK, TRAIN_HOLDER) if main else contextlib.nullcontext():
+        try:
+            with (
+                RunLogger(
+                    workdir, enabled=main, progress=config.progress, tensorboard=config.tensorboard
+                ) as logger,
+                Checkpoints(workdir, config.keep) as checkpoints,
+            ):
+                return _train(
+                    config, arrays, workdir, mesh, logger, checkpoints, main, t_start, evaluate_test, on_epoch
+                )
+        except Exception as e:
+            failure = write_failure(e)
+            if failure is None:
+                raise
+            raise write_error(workdir, *failure) from None
 
 
 def _train(
@@ -275,7 +288,7 @@ def _train(
     logger.truncate_after(start_step)
     if main:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json() + "\n")
+        write_atomically(workdir / "config.json", config.to_json() + "\n")
 
     # -- the dataset goes to the device once, replicated; each device slices its own batches
     on_device = functools.partial(put_replicated, mesh=setup.mesh)
@@ -404,7 +417,10 @@ def _train(
     )
     if main:
         # For reports: the test predictions, as plain arrays (np.load reads them without pickle).
-        np.savez(workdir / "test_predictions.npz", logits=test_logits, labels=arrays.test_labels)
+        tmp = workdir / ".test_predictions.npz.tmp"  # replaced whole, as every file of a run
+        with tmp.open("wb") as f:
+            np.savez(f, logits=test_logits, labels=arrays.test_labels)
+        os.replace(tmp, workdir / "test_predictions.npz")
     final = {
         "step": step,
         "test_loss": test_metrics["loss"],

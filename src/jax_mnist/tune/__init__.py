@@ -11,10 +11,12 @@ test set is never read. The parts:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
 
+from jax_mnist.rundir import TUNE_HOLDER, TUNE_LOCK, DirectoryLock
 from jax_mnist.tune.space import Param, build_space, default_space, parse_space
 from jax_mnist.tune.study import (
     TuneInterrupted,
@@ -53,6 +55,14 @@ def tune(settings: TuneSettings, *, log: Callable[[str], None] = print) -> dict[
     Returns:
       ``{"trials": rows of :func:`trial_rows`, "best": the best row or None, "files": [...]}``.
     """
+    # Two searches writing the study folder's own SQLite file would clash: one at a time. Studies
+    # in a database server (--storage) are meant to be shared by several commands.
+    lock = DirectoryLock(settings.study_dir, TUNE_LOCK, TUNE_HOLDER) if settings.storage is None else None
+    with lock or contextlib.nullcontext():
+        return _tune(settings, log)
+
+
+def _tune(settings: TuneSettings, log: Callable[[str], None]) -> dict[str, Any]:
     settings.study_dir.mkdir(parents=True, exist_ok=True)
     study = open_study(settings)  # creates the study (and the tables) once, before any worker
     finished, _ = counts(study)
