@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from jax_mnist import commands
+from jax_mnist import __version__, commands
 from jax_mnist.config import Config, field_type, flag_name
 from jax_mnist.errors import UserError
 from jax_mnist.serve import ENGINES as SERVE_ENGINES  # the serve package imports nothing heavy
@@ -48,7 +48,7 @@ def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
     """Flags that join this process to a multi-process run. They are not config fields:
     they differ between the processes of one run and are neither saved nor compared on resume."""
     group = parser.add_argument_group(
-        "processes", "several processes or machines in one run (see README: several machines)"
+        "processes", "several processes or machines in one run (docs/distributed.md)"
     )
     group.add_argument(
         "--coordinator", metavar="HOST:PORT", help="address of process 0, which every process connects to"
@@ -428,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jax-mnist", description="Train and use convolutional networks on MNIST with JAX."
     )
+    parser.add_argument("--version", action="version", version=f"jax-mnist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.add_arguments(
