@@ -19,7 +19,7 @@ from pathlib import Path
 
 from jax_mnist import __version__, commands
 from jax_mnist.config import Config, field_type, flag_name
-from jax_mnist.errors import UserError
+from jax_mnist.errors import UserError, WriteError, write_failure
 from jax_mnist.serve import ENGINES as SERVE_ENGINES  # the serve package imports nothing heavy
 
 
@@ -440,8 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Runs ``jax-mnist`` with ``argv``; returns the exit code."""
     args = build_parser().parse_args(argv)
-    # Orbax logs through absl at WARNING for routine events (opening a run read-only).
-    logging.getLogger("absl").setLevel(logging.ERROR)
+    # Orbax logs through absl at WARNING for routine events (opening a run read-only), and at
+    # ERROR, with tracebacks, for a failed save, which it also raises to us: said in one line.
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
     try:
         code = next(c for c in COMMANDS if c.name == args.command).run(args)
         sys.stdout.flush()  # here, so that a closed pipe is noticed below rather than at exit
@@ -449,6 +450,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"jax-mnist: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        if (failure := write_failure(e)) is None:
+            raise
+        path, errno = failure
+        print(f"jax-mnist: error: {path}: cannot write ({os.strerror(errno)})", file=sys.stderr)
+        return WriteError.exit_code
     except KeyboardInterrupt:
         print("jax-mnist: interrupted", file=sys.stderr)
         return 130
