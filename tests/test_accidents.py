@@ -8,6 +8,7 @@ are skipped with that reason.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -23,7 +24,8 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
-from jax_mnist.checkpoint import UNFINISHED, Checkpoints
+from jax_mnist.checkpoint import UNFINISHED, Checkpoints, write_error
+from jax_mnist.errors import write_failure
 from jax_mnist.train import abstract_train_state, create_setup
 
 # tiny_config() as flags: 2 epochs of 16 steps of 64 images, the run of the tiny_run fixture.
@@ -164,6 +166,33 @@ def test_a_second_search_in_a_study_folder_is_refused(tmp_path):
 # -- write errors --------------------------------------------------------------------------------
 
 
+def test_refused_writes_are_told_from_other_errors(tmp_path):
+    assert write_failure(OSError(errno.ENOSPC, "No space left on device", "/r/metrics.jsonl")) == (
+        "/r/metrics.jsonl",
+        errno.ENOSPC,
+    )
+    # TensorStore's error under Orbax's, as a full disk raises it during a save.
+    cause = ValueError(
+        'RESOURCE_EXHAUSTED: Error writing "params/0" in OCDBT database at local file "/r/x/": Failed '
+        'writing: "/r/checkpoints/latest/64.orbax-checkpoint-tmp/state/d/0a1b": Failed to write 6135808 '
+        "bytes to file 27: No space left on device [os_error_code='28']"
+    )
+    try:
+        raise RuntimeError("Save Finalize thread (save_finalize) failed") from cause
+    except RuntimeError as e:
+        path, code = write_failure(e)
+    assert (path, code) == ("/r/checkpoints/latest/64.orbax-checkpoint-tmp/state/d/0a1b", errno.ENOSPC)
+    assert write_failure(ValueError("[os_error_code='2']")) is None  # a missing file is no refused write
+    assert write_failure(MemoryError()) is None
+    line = str(
+        write_error(tmp_path, f"{tmp_path}/checkpoints/latest/64.orbax-checkpoint-tmp/state/d/0a1b", code)
+    )
+    assert line == (
+        f"the checkpoint {tmp_path}/checkpoints/latest/64: cannot write (No space left on device); no "
+        "checkpoint was complete, so the run starts over: make room and run the same command again"
+    )
+
+
 @needs_root
 @pytest.mark.slow
 def test_a_full_disk_is_one_line_and_the_rerun_continues_bit_exactly(tmp_path, tiny_run):
@@ -189,7 +218,7 @@ def test_a_full_disk_is_one_line_and_the_rerun_continues_bit_exactly(tmp_path, t
         assert again.returncode == 0, again.stderr
         assert "Resuming from step 16" in again.stdout
         # The first command trained one epoch and tested it: that test record stays.
-        assert [r for r in records(workdir) if r["kind"] == "test"][0]["step"] == 16
+        assert next(r for r in records(workdir) if r["kind"] == "test")["step"] == 16
         assert_same_run(workdir, tiny_run.workdir, skip_first_test=True)
 
 

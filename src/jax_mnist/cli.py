@@ -450,12 +450,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"jax-mnist: error: {e}", file=sys.stderr)
         return e.exit_code
-    except OSError as e:
-        if (failure := write_failure(e)) is None:
-            raise
-        path, errno = failure
-        print(f"jax-mnist: error: {path}: cannot write ({os.strerror(errno)})", file=sys.stderr)
-        return WriteError.exit_code
     except KeyboardInterrupt:
         print("jax-mnist: interrupted", file=sys.stderr)
         return 130
@@ -464,6 +458,12 @@ def main(argv: list[str] | None = None) -> int:
         # point stdout at /dev/null so that flushing it at exit raises nothing either.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, as a shell reports a command killed by it
+    except OSError as e:  # after BrokenPipeError, itself an OSError
+        if (failure := write_failure(e)) is None:
+            raise
+        path, errno = failure
+        print(f"jax-mnist: error: {path}: cannot write ({os.strerror(errno)})", file=sys.stderr)
+        return WriteError.exit_code
 
 
 if __name__ == "__main__":

@@ -116,6 +116,8 @@ def check_can_write(directory: str | Path, name: str, what: str) -> None:
     """
     directory = Path(directory)
     existing = next(p for p in (directory, *directory.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        return  # not a folder at all: what reads the run directory says so
     if not os.access(existing, os.W_OK | os.X_OK):
         reason = "read-only file system" if _read_only_mount(existing) else "permission denied"
         raise WriteError(f"{existing}: cannot write here ({reason})")
