@@ -95,10 +95,23 @@ def test_mnist_jax_script_runs_the_seed_pipeline(tmp_path):
 
 def test_output_into_a_closed_pipe_stops_quietly():
     # As `jax-mnist presets | head -0` does: the reader is gone before the first line.
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-m", "jax_mnist", "presets"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    proc.stdout.close()
-    stderr = proc.stderr.read().decode()
-    assert proc.wait(timeout=120) == 141
+    ) as proc:
+        proc.stdout.close()
+        stderr = proc.stderr.read().decode()
+        assert proc.wait(timeout=120) == 141
     assert stderr == ""
+
+
+def test_version_comes_from_one_place():
+    import importlib.metadata
+
+    import jax_mnist
+
+    result = run_cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"jax-mnist {jax_mnist.__version__}\n"
+    assert importlib.metadata.version("jax-mnist") == jax_mnist.__version__
+    changelog = (REPO / "CHANGELOG.md").read_text()
+    assert f"## [{jax_mnist.__version__}]" in changelog  # every release has its entry

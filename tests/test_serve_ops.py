@@ -364,6 +364,7 @@ def test_sigterm_stops_accepting_answers_every_request_in_flight_and_exits_0(ser
     wait_until(lambda: "SIGTERM" in server.log(), "the server saw the signal")
     wait_until(lambda: connection_refused(server.port), "no new connections")
     assert idle.sock.recv(1) == b""  # the idle keep-alive connection was closed
+    idle.close()
     assert server.process.poll() is None  # still finishing what is in flight
     for i, request in enumerate(held):
         assert_right(request.finish(), expected[i])

@@ -6,6 +6,7 @@ compiling each trial's training step.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -251,7 +252,7 @@ def test_search_with_two_workers_prunes_writes_best_toml_and_never_reads_the_tes
     assert counts.get("PRUNED", 0) >= 1, counts  # the hopeless learning rates were stopped early
     assert counts.get("FAIL", 0) == 0, counts
     assert len({t.user_attrs["pid"] for t in study.trials}) == 2  # both workers ran trials
-    with sqlite3.connect(study_dir / "study.db") as db:
+    with contextlib.closing(sqlite3.connect(study_dir / "study.db")) as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     pruned = [t for t in study.trials if t.state.name == "PRUNED"]
     # a pruned trial stopped with the epoch it was pruned at: its run directory says so too
@@ -368,24 +369,24 @@ def test_a_killed_worker_loses_only_its_trial_which_the_next_command_marks_faile
         *TINY,
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-m", "jax_mnist", *command],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-    )
-    try:
-        for line in proc.stdout:
-            if line.startswith("trial 1: ") and "->" in line:
-                # At once: with its programs in the compilation cache, a tiny trial can end
-                # within a second of starting.
+    ) as proc:
+        try:
+            for line in proc.stdout:
+                if line.startswith("trial 1: ") and "->" in line:
+                    # At once: with its programs in the compilation cache, a tiny trial can end
+                    # within a second of starting.
+                    proc.kill()
+                    break
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
                 proc.kill()
-                break
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert {t.number: t.state.name for t in load_study(study_dir).trials} == {0: "COMPLETE", 1: "RUNNING"}
     rerun = run_cli(*command)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
