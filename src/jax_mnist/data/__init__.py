@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 from jax_mnist.config import Config
 from jax_mnist.data.datasets import DATASETS, Arrays, DatasetInfo, bundled_dir, load_from_dir
@@ -38,4 +42,12 @@ def load_dataset(config: Config, *, test: bool = True) -> Arrays:
     return load_cached(info, config.cache_dir, test=test)
 
 
-__all__ = ["DATASETS", "Arrays", "DatasetInfo", "load_dataset"]
+def load_mnist() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The MNIST that ships with jax-mnist, verified by checksum, as uint8 host arrays:
+    train images ``[60000, 28, 28]`` and labels ``[60000]``, test images ``[10000, 28, 28]``
+    and labels ``[10000]``. Pixels are 0 to 255 and labels 0 to 9."""
+    arrays = load_from_dir(DATASETS["mnist"], bundled_dir(), test=True)
+    return arrays.train_images, arrays.train_labels, arrays.test_images, arrays.test_labels
+
+
+__all__ = ["DATASETS", "Arrays", "DatasetInfo", "load_dataset", "load_mnist"]
