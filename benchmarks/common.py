@@ -156,9 +156,10 @@ def torch_or_none():
     return torch
 
 
-def run_jax_train(jax_args: list[str]) -> tuple[float, float | None]:
-    """One ``jax-mnist train ARGS`` in a fresh process and a temporary run directory:
-    ``(wall seconds from launch to exit, final test accuracy or None if it failed)``."""
+def run_jax_train(jax_args: list[str], python: str | None = None) -> tuple[float, float | None]:
+    """One ``jax-mnist train ARGS`` in a fresh process (of ``python``, by default this one) and a
+    temporary run directory: ``(wall seconds from launch to exit, final test accuracy or None
+    if it failed)``."""
     import json
     import subprocess
     import sys
@@ -166,7 +167,7 @@ def run_jax_train(jax_args: list[str]) -> tuple[float, float | None]:
     from pathlib import Path
 
     with tempfile.TemporaryDirectory() as workdir:
-        cmd = [sys.executable, "-m", "jax_mnist", "train", *jax_args, "--workdir", workdir]
+        cmd = [python or sys.executable, "-m", "jax_mnist", "train", *jax_args, "--workdir", workdir]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t0
