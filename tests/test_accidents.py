@@ -116,6 +116,7 @@ def test_a_second_trainer_is_refused_and_the_first_finishes_intact(tmp_path):
     assert steps == sorted(steps)
 
 
+@pytest.mark.slow  # three CLI processes, the report among them
 def test_readers_neither_take_the_lock_nor_wait(tiny_run, tmp_path):
     from jax_mnist.rundir import TRAIN_LOCK, DirectoryLock
 
