@@ -1,25 +1,21 @@
-"""Shared fixtures: tiny configs that train in seconds on the real bundled MNIST."""
+"""Shared fixtures: runs of tiny configs that train in seconds on the real bundled MNIST, trained
+once per session, and a real server. What tests import (``tiny_config``, ``run_cli``, ...) is in
+``helpers.py``."""
 
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import ServerProcess, TrainedRun, run_cli, tiny_config
 
 from jax_mnist.config import Config
 from jax_mnist.runtime import use_deterministic_ops
-
-REPO = Path(__file__).resolve().parents[1]
 
 # The persistent compilation cache stays on in tests, but in a folder of this session rather
 # than the user's: set before JAX is imported (it reads the variable then), and inherited by
@@ -38,28 +34,9 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 use_deterministic_ops()
 
 
-def tiny_config(**changes) -> Config:
-    """A config that trains 2 short epochs on 1,024 examples (16 steps of 64 each)."""
-    base = Config(train_size=1024, val_size=512, batch_size=64, epochs=2, log_every=8, eval_batch_size=512)
-    return base.replace(**changes)
-
-
 @pytest.fixture
 def tiny():
     return tiny_config
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainedRun:
-    """A finished run that several tests share: read it as it is, or change a :meth:`copy`."""
-
-    workdir: Path
-    final: dict  # what train_and_evaluate returned
-
-    def copy(self, dest: Path) -> Path:
-        """A copy of the run directory at ``dest`` (checkpoints included) for a test to change."""
-        shutil.copytree(self.workdir, dest)
-        return dest
 
 
 def _train_once(tmp_path_factory, name: str, config: Config) -> TrainedRun:
@@ -98,81 +75,6 @@ def seed_cnn_cli_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProces
     result = run_cli("train", "--epochs", "1", "--workdir", str(workdir))
     assert result.returncode == 0, result.stderr
     return workdir, result
-
-
-def run_cli(
-    *args: str, cwd: Path | None = None, timeout: float = 600, **kwargs
-) -> subprocess.CompletedProcess:
-    """Runs ``python -m jax_mnist ARGS`` in a subprocess, capturing its output as text."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "jax_mnist", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        **kwargs,
-    )
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """``python -m jax_mnist serve RUN --port P`` as a real process on 127.0.0.1.
-
-    Starts the server (in ``cwd``, default this one) and waits until ``GET /readyz`` says it
-    is ready (its model warmed up); :meth:`stop` sends SIGTERM and returns what the server
-    printed.
-    """
-
-    def __init__(
-        self, model_path: Path, *args: str, log_dir: Path, timeout: float = 300, cwd: Path | None = None
-    ):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_dir / f"serve-{self.port}.log"
-        self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "jax_mnist", "serve", str(model_path), "--port", str(self.port), *args],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            cwd=cwd,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/readyz", timeout=5) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.25)
-        self.stop()
-        raise RuntimeError(f"the server did not answer within {timeout} s:\n{self.log()}")
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text()
-
-    def stop(self) -> str:
-        """Stops the server (SIGTERM, as Ctrl-C would) and returns its output."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-        return self.log_path.read_text()
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,8 @@ import re
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
 from flax import nnx
+from helpers import tiny_config
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 

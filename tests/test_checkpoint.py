@@ -12,32 +12,12 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import run_cli, tiny_config
+from helpers import assert_same_tree, latest_state, records_without_timings, run_cli, tiny_config
 
 from jax_mnist.checkpoint import CheckpointMismatch, Checkpoints
 from jax_mnist.errors import UserError
 from jax_mnist.inference import load_model
 from jax_mnist.train import abstract_train_state, create_setup, create_train_state, train_and_evaluate
-
-TIMING_FIELDS = ("epoch_time_s", "images_per_s", "wall_time_s")
-
-
-def records(workdir):
-    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows]
-
-
-def latest_state(workdir):
-    """The whole training state of a run's latest checkpoint."""
-    with Checkpoints(workdir, read_only=True) as checkpoints:
-        config = checkpoints.read_config()
-        setup = create_setup(config, steps_per_epoch=1)  # shapes only: any length will do
-        return checkpoints.restore(abstract_train_state(setup))[0]
-
-
-def assert_same_tree(a, b):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_save_restore_round_trip_is_exact(tmp_path):
@@ -58,10 +38,10 @@ def test_stop_and_resume_equals_straight_run_bit_for_bit(tmp_path, tiny_run_one_
     tiny_run_one_epoch.copy(tmp_path / "resumed")  # a run of tiny_config(epochs=1)
     resumed = train_and_evaluate(tiny_config(epochs=3), tmp_path / "resumed", resume=True)
     # The resumed run also keeps the test record of its first, 1-epoch part.
-    first_part_test = next(r for r in records(tmp_path / "resumed") if r["kind"] == "test")
+    first_part_test = next(r for r in records_without_timings(tmp_path / "resumed") if r["kind"] == "test")
     assert first_part_test["step"] == 16
-    assert records(tmp_path / "straight") == [
-        r for r in records(tmp_path / "resumed") if r != first_part_test
+    assert records_without_timings(tmp_path / "straight") == [
+        r for r in records_without_timings(tmp_path / "resumed") if r != first_part_test
     ]
     assert straight["test_loss"] == resumed["test_loss"]
     assert_same_tree(latest_state(tmp_path / "straight"), latest_state(tmp_path / "resumed"))
@@ -72,7 +52,7 @@ def test_checkpoint_every_steps_and_keep(tmp_path):
     train_and_evaluate(tiny_config(epochs=2, checkpoint_every_steps=5, keep=4), tmp_path / "a")
     checkpoints = Checkpoints(tmp_path / "a")
     assert checkpoints.steps() == [20, 25, 30, 32]
-    epochs = [r for r in records(tmp_path / "a") if r["kind"] == "epoch"]
+    epochs = [r for r in records_without_timings(tmp_path / "a") if r["kind"] == "epoch"]
     best = max(epochs, key=lambda r: r["val_accuracy"])
     assert epochs[0]["val_accuracy"] != epochs[1]["val_accuracy"]  # else "best" would be ambiguous
     assert checkpoints.steps("best") == [best["step"]]
@@ -199,7 +179,7 @@ def test_signal_mid_epoch_saves_and_resume_loses_nothing(tmp_path, signum, strai
     resumed = run_cli("train", "--workdir", str(workdir), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert f"Resuming from step {max(saved)}" in resumed.stdout
-    assert records(workdir) == records(straight_signal_run)
+    assert records_without_timings(workdir) == records_without_timings(straight_signal_run)
     assert_same_tree(latest_state(workdir), latest_state(straight_signal_run))
 
 
@@ -234,7 +214,7 @@ def test_resume_from_any_checkpoint_equals_the_run_never_stopped(tmp_path, case)
     straight = train_and_evaluate(config, tmp_path / "straight")
     resumed_dir = _rewind(tmp_path / "straight", tmp_path / "resumed", step)
     resumed = train_and_evaluate(config, resumed_dir)
-    assert records(resumed_dir) == records(tmp_path / "straight")
+    assert records_without_timings(resumed_dir) == records_without_timings(tmp_path / "straight")
     assert resumed["test_loss"] == straight["test_loss"]
     assert resumed["best_val_accuracy"] == straight["best_val_accuracy"]
     assert_same_tree(latest_state(resumed_dir), latest_state(tmp_path / "straight"))
@@ -244,19 +224,20 @@ def test_resume_from_any_checkpoint_equals_the_run_never_stopped(tmp_path, case)
 def test_a_run_with_a_schedule_over_its_length_refuses_other_epochs(tmp_path):
     config = tiny_config(epochs=1, schedule="onecycle", lr=3e-3)
     train_and_evaluate(config, tmp_path / "run")
-    before = records(tmp_path / "run")
+    before = records_without_timings(tmp_path / "run")
     with pytest.raises(UserError, match=r"^--epochs: .* onecycle learning-rate schedule laid over 1 epochs"):
         train_and_evaluate(config.replace(epochs=3), tmp_path / "run")
     result = run_cli("train", "--workdir", str(tmp_path / "run"), "--epochs", "3")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "--epochs: " in result.stderr and "Resume with --epochs 1" in result.stderr
-    assert records(tmp_path / "run") == before and Checkpoints(tmp_path / "run").steps() == [16]
+    assert records_without_timings(tmp_path / "run") == before
+    assert Checkpoints(tmp_path / "run").steps() == [16]
 
 
 def test_logged_loss_covers_every_step_when_checkpoints_fall_between_log_points(tmp_path, tiny_run_one_epoch):
     train_and_evaluate(tiny_config(epochs=1, checkpoint_every_steps=5), tmp_path / "saving")
-    plain = [r for r in records(tiny_run_one_epoch.workdir) if r["kind"] == "train"]
-    saving = [r for r in records(tmp_path / "saving") if r["kind"] == "train"]
+    plain = [r for r in records_without_timings(tiny_run_one_epoch.workdir) if r["kind"] == "train"]
+    saving = [r for r in records_without_timings(tmp_path / "saving") if r["kind"] == "train"]
     assert [r["step"] for r in saving] == [r["step"] for r in plain] == [8, 16]
     for a, b in zip(plain, saving, strict=True):
         # The sums run in other groupings, so float32 rounding may differ; steps 5-7 alone
@@ -280,7 +261,7 @@ def test_a_damaged_latest_checkpoint_is_moved_aside_and_saved_anew(tmp_path, cap
     assert Checkpoints(run).steps() == [16, 32]
     assert load_model(run, "latest").meta["step"] == 32
     assert_same_tree(latest_state(run), latest_state(straight))
-    assert records(run) == records(straight)
+    assert records_without_timings(run) == records_without_timings(straight)
 
 
 def _store_config(workdir, **changes):

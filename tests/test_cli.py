@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli
 
 
 @pytest.mark.parametrize(

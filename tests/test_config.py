@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from helpers import records_without_timings, tiny_config
 
 from jax_mnist import train
 from jax_mnist.checkpoint import Checkpoints
@@ -94,9 +94,7 @@ def test_every_schedule_only_field_has_a_change_tried_below():
 
 
 def _first_epoch(workdir):
-    from test_checkpoint import records
-
-    epoch = next(r for r in records(workdir) if r["kind"] == "epoch")
+    epoch = next(r for r in records_without_timings(workdir) if r["kind"] == "epoch")
     with Checkpoints(workdir, read_only=True) as checkpoints:
         config = checkpoints.read_config()
         setup = train.create_setup(config, steps_per_epoch=1)

@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, run_cli, tiny_config
+from helpers import REPO, free_port, run_cli, tiny_config
 
 from jax_mnist import cli
 from jax_mnist.checkpoint import Checkpoints
@@ -32,12 +32,6 @@ WORKER = REPO / "tests" / "distributed_worker.py"
 TINY_FLAGS = ["--train-size", "1024", "--val-size", "512", "--batch-size", "64"]
 TINY_FLAGS += ["--eval-batch-size", "512", "--log-every", "4"]
 RTOL = 2e-4  # float32 rounding of a differently ordered gradient sum
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_env(**extra: str) -> dict[str, str]:

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 
 from jax_mnist.config import Config
 from jax_mnist.data import load_dataset

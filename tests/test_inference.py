@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from helpers import tiny_config
 
 from jax_mnist.checkpoint import Checkpoints
 from jax_mnist.errors import UserError

@@ -9,7 +9,7 @@ import pty
 import re
 
 import pytest
-from conftest import run_cli, tiny_config
+from helpers import run_cli, tiny_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.backend.event_processing.plugin_event_accumulator import (

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
 from flax import nnx
+from helpers import tiny_config
 
 from jax_mnist import steps, train
 from jax_mnist.checkpoint import Checkpoints

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from helpers import records_without_timings, run_cli
 
 from jax_mnist import runtime
 
@@ -143,12 +143,7 @@ def test_two_runs_are_bit_identical_compile_little_and_the_second_loads_from_the
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     assert config["deterministic"] is True and config["compilation_cache"] is True
 
-    def records(name):
-        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
-        drop = ("epoch_time_s", "images_per_s", "wall_time_s")
-        return [{k: v for k, v in json.loads(x).items() if k not in drop} for x in lines]
-
-    assert records("a") == records("b")
+    assert records_without_timings(tmp_path / "a") == records_without_timings(tmp_path / "b")
     a, b = (np.load(tmp_path / name / "test_predictions.npz") for name in ("a", "b"))
     np.testing.assert_array_equal(a["logits"], b["logits"])
 

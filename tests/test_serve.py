@@ -15,7 +15,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from conftest import ServerProcess, run_cli
+from helpers import ServerProcess, run_cli
 from PIL import Image
 
 from jax_mnist.config import Config

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import ServerProcess, run_cli
+from helpers import ServerProcess, run_cli
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 

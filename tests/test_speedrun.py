@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli, tiny_config
+from helpers import run_cli, tiny_config
 
 from jax_mnist import optim
 from jax_mnist.config import PRESETS, Config, preset_config

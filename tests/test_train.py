@@ -1,6 +1,6 @@
 import json
 
-from conftest import tiny_config
+from helpers import records_without_timings, tiny_config
 
 from jax_mnist.train import train_and_evaluate
 
@@ -25,14 +25,7 @@ def test_tiny_run_writes_config_and_metrics(tiny_run):
 def test_same_seed_same_numbers_bit_for_bit(tmp_path, tiny_run):
     a = tiny_run.final  # train_and_evaluate(tiny_config(), ...), earlier in this process
     b = train_and_evaluate(tiny_config(), tmp_path / "b")
-
-    def strip(rs):
-        return [
-            {k: v for k, v in r.items() if k not in ("epoch_time_s", "images_per_s", "wall_time_s")}
-            for r in rs
-        ]
-
-    assert strip(read_records(tiny_run.workdir)) == strip(read_records(tmp_path / "b"))
+    assert records_without_timings(tiny_run.workdir) == records_without_timings(tmp_path / "b")
     assert a["test_loss"] == b["test_loss"]
     c = train_and_evaluate(tiny_config(seed=1), tmp_path / "c")
     assert c["test_loss"] != a["test_loss"]

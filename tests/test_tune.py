@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli, tiny_config
+from helpers import free_port, run_cli, tiny_config
 
 from jax_mnist.config import Config, resolve_config
 from jax_mnist.data import load_dataset
@@ -405,12 +404,6 @@ def _postgres_bin() -> Path | None:
     return Path(candidates[-1]).parent if candidates else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def postgres():
     """A PostgreSQL server of our own on 127.0.0.1, in a temporary folder; yields its URL."""
@@ -423,7 +416,7 @@ def postgres():
     root = Path(tempfile.mkdtemp(prefix="jax-mnist-pg-"))
     if as_user:
         shutil.chown(root, "postgres")
-    data, port = root / "data", _free_port()
+    data, port = root / "data", free_port()
     subprocess.run(
         [*as_user, bindir / "initdb", "-D", data, "-U", "tune", "-A", "trust"],
         check=True,
