@@ -2,6 +2,8 @@
 jax-mnist side (the product's own jitted step and predict functions) and timing helpers.
 
 The PyTorch side lives in ``torch_reference.py``; it is optional (``pip install -e '.[bench]'``).
+The scripts run as ``python benchmarks/NAME.py``, which puts this folder first on the import path:
+they import ``common`` and ``torch_reference`` by name.
 """
 
 from __future__ import annotations

@@ -29,10 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import common  # noqa: E402
+import common
 
 TARGETS_S = {"cold": 4.0, "warm": 2.5}  # on the 2-core development CPU
 

@@ -22,8 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import common
 
 ENGINES = ("jax", "jax.export", "onnxruntime")

@@ -19,10 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+import common
 
-import common  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 VERSIONS = (
     "import sys, jax, flax, optax, orbax.checkpoint as o; "

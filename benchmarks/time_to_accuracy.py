@@ -33,10 +33,9 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+import common
 
-import common  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 # PyTorch's MNIST example (pytorch/examples, mnist/main.py): 14 epochs at most, stopped at the target.
 PYTORCH_EXAMPLE = "--recipe pytorch-example --epochs 14"

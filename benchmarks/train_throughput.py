@@ -23,9 +23,6 @@ import argparse
 import functools
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 
