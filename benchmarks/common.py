@@ -1,9 +1,10 @@
-"""Shared pieces of the benchmarks: the machine's FP32 peak, the seed CNN's FLOPs, the
-jax-mnist side (the product's own jitted step and predict functions) and timing helpers.
+"""Shared pieces of the benchmarks: the machine's FP32 peak, timing helpers and
+``jax-mnist train`` in a fresh process.
 
 The PyTorch side lives in ``torch_reference.py``; it is optional (``pip install -e '.[bench]'``).
 The scripts run as ``python benchmarks/NAME.py``, which puts this folder first on the import path:
-they import ``common`` and ``torch_reference`` by name.
+they import ``common`` and ``torch_reference`` by name. A model's FLOPs are the product's own
+count (``jax_mnist.models.flops_per_image``, as ``jax-mnist models`` prints them).
 """
 
 from __future__ import annotations
@@ -72,27 +73,6 @@ def machine() -> Machine:
     else:
         fpc, isa = 16, "SSE"
     return Machine(cores, model, clock, fpc, isa)
-
-
-# -- the model's FLOPs
-
-
-def seed_cnn_flops_per_image(width: int = 32, num_classes: int = 10) -> dict[str, float]:
-    """FLOPs (multiply-add = 2) of the seed CNN for one 28x28 image.
-
-    Forward: conv1 28x28x(9x1)->32, conv2 14x14x(9x32)->64, dense 3136->256, dense 256->10.
-    Training adds two products of the same size per layer (input and weight gradients),
-    except the first convolution, whose input gradient nobody needs. Bias adds, ReLU,
-    pooling, softmax and the optimizer are left out (they are below 1% of the total).
-    """
-    c1, c2 = width, 2 * width
-    conv1 = 2 * 28 * 28 * c1 * 9 * 1
-    conv2 = 2 * 14 * 14 * c2 * 9 * c1
-    dense1 = 2 * 7 * 7 * c2 * 256
-    dense2 = 2 * 256 * num_classes
-    forward = conv1 + conv2 + dense1 + dense2
-    train = forward + conv1 + 2 * (conv2 + dense1 + dense2)
-    return {"forward": float(forward), "train": float(train)}
 
 
 # -- timing

@@ -32,10 +32,11 @@ def main(argv=None) -> int:
     from jax_mnist import train
     from jax_mnist.config import Config
     from jax_mnist.data import load_dataset
+    from jax_mnist.models import abstract_model, flops_per_image
     from jax_mnist.parallel import replicate, to_host
 
     m = common.machine()
-    flops = common.seed_cnn_flops_per_image()["forward"]
+    flops = flops_per_image(abstract_model("cnn"))  # as XLA counts them, and `jax-mnist models`
     print(f"machine: {m.describe()}; load average {common.load_avg()}")
     print(f"forward FLOPs per image: {flops / 1e6:.2f} MFLOP")
 
