@@ -15,7 +15,7 @@ from typing import Any
 
 from jax_mnist.config import (
     FIELDS,
-    SCHEDULE_ONLY_FIELDS,
+    SEARCHABLE_FIELDS,
     Config,
     field_type,
     flag_name,
@@ -23,15 +23,6 @@ from jax_mnist.config import (
     read_table_file,
 )
 from jax_mnist.errors import ConfigError, UserError
-
-# Settings a search must not vary: they change which images validate (so trials would be
-# scored on different sets), what is trained on, or only where and how output goes.
-NOT_SEARCHABLE = (
-    frozenset(
-        {"preset", "dataset", "data_dir", "data_source", "val_size", "val_seed", "seed", "eval_batch_size"}
-    )
-    | SCHEDULE_ONLY_FIELDS
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +112,10 @@ def parse_space(entries: dict[str, Any], base: Config, *, source: str) -> list[P
         where = f"{source}: {key}"
         if name not in FIELDS:
             raise UserError(f"{where}: unknown setting; the entries are fields of `jax-mnist train --help`")
-        if name in NOT_SEARCHABLE:
+        # Each field says whether a search may vary it (``option(searchable=...)`` in config.py):
+        # not those that change which images validate (trials would be scored on different
+        # sets), what is trained on, or only where and how a run goes.
+        if name not in SEARCHABLE_FIELDS:
             raise UserError(
                 f"{where}: not searchable (it changes the validation images or only the output); "
                 f"fix it with {flag_name(name)} instead"
