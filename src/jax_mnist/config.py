@@ -66,6 +66,10 @@ def option(
     return dataclasses.field(default=default, metadata=meta)
 
 
+# How a run shows its progress on the console (``--progress``; ``logs.use_progress_bar``).
+PROGRESS_MODES = ("auto", "bar", "plain")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """All the settings of a training run. Defaults are the seed's (``--preset seed``)."""
@@ -275,7 +279,7 @@ class Config:
     progress: str = option(
         "auto",
         "console output: a live bar per epoch (bar), plain lines (plain), or a bar on a terminal only (auto)",
-        choices=("auto", "bar", "plain"),
+        choices=PROGRESS_MODES,
         group="output",
         role="schedule",
     )
