@@ -13,7 +13,14 @@ from jax_mnist import steps, train
 from jax_mnist.checkpoint import Checkpoints
 from jax_mnist.config import Config
 from jax_mnist.data import load_dataset
-from jax_mnist.models import MODELS, abstract_model, build_model, count_params, create_model
+from jax_mnist.models import (
+    MODELS,
+    abstract_model,
+    build_model,
+    count_params,
+    create_model,
+    model_from_config,
+)
 
 ALL_MODELS = sorted(MODELS)
 
@@ -165,3 +172,17 @@ def test_registry_entry_tune_space_is_valid_and_engine_known(name):
     assert set(entry.tune_space) <= {p.name for p in params}
     default_space(name)["width"]["choices"].append(0)  # a copy: the registry stays as it is
     assert entry.tune_space == TUNE_SPACES_OF_0_2_0[name]
+
+
+def test_compute_dtype_names_the_dtypes_a_config_may_choose():
+    from jax_mnist.config import FIELDS
+    from jax_mnist.models import COMPUTE_DTYPES, compute_dtype
+
+    assert FIELDS["dtype"].metadata["choices"] == COMPUTE_DTYPES
+    assert compute_dtype("float32") is jnp.float32 and compute_dtype("bfloat16") is jnp.bfloat16
+    with pytest.raises(ValueError, match="compute dtype"):
+        compute_dtype("float16")
+    settings = Config(model="lenet5", dtype="bfloat16")
+    model = nnx.eval_shape(model_from_config(settings, num_classes=10))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert model.conv1.dtype == jnp.bfloat16

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from jax_mnist.errors import ConfigError, UserError
+from jax_mnist.models import COMPUTE_DTYPES  # the registry imports no JAX
 
 # What a field is, said where it is declared; every set of fields the code needs is computed
 # from these (see the sets after :class:`Config`):
@@ -221,7 +222,7 @@ class Config:
     dtype: str = option(
         "float32",
         "compute dtype; bfloat16 keeps float32 master weights",
-        choices=("float32", "bfloat16"),
+        choices=COMPUTE_DTYPES,
         group="devices",
     )
     steps_per_call: int = option(

@@ -101,6 +101,19 @@ MODELS: dict[str, ModelEntry] = {
 }
 
 
+# The dtypes a model may compute in (``--dtype``), by name; parameters stay float32.
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def compute_dtype(name: str) -> Any:
+    """The JAX dtype named ``name`` in a config (one of :data:`COMPUTE_DTYPES`)."""
+    import jax.numpy as jnp
+
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"compute dtype must be one of {COMPUTE_DTYPES}, got {name!r}")
+    return getattr(jnp, name)
+
+
 def build_model(
     name: str,
     *,
@@ -160,7 +173,7 @@ class ModelSettings(Protocol):
     dropout: float
     width: int
     depth: int
-    dtype: str  # "float32" or "bfloat16"
+    dtype: str  # one of COMPUTE_DTYPES
     seed: int
 
 
@@ -172,9 +185,6 @@ def model_from_config(config: ModelSettings, num_classes: int) -> Callable[[], n
     JAX traces, under ``nnx.eval_shape`` for the structure alone (no parameters are computed),
     or pass it to :func:`initialize`.
     """
-    import jax.numpy as jnp
-
-    dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
     return functools.partial(
         build_model,
         config.model,
@@ -182,7 +192,7 @@ def model_from_config(config: ModelSettings, num_classes: int) -> Callable[[], n
         dropout=config.dropout,
         width=config.width,
         depth=config.depth,
-        dtype=dtype,
+        dtype=compute_dtype(config.dtype),
         seed=config.seed,
     )
 
