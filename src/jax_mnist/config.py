@@ -2,8 +2,11 @@
 
 Every field becomes a command-line flag (``batch_size`` -> ``--batch-size``) with its help
 text and range taken from the field's metadata, so this file is the single place where a
-hyperparameter is declared. A config is written as JSON into every run directory and
-checkpoint.
+hyperparameter is declared. A field also says its role (:data:`ROLES`: whether it changes what
+a run computes), whether a search may vary it and whether its value belongs to one machine;
+what a resumed run may change and what ``jax-mnist tune`` may search are computed from that
+(:func:`fields_with_role`, :data:`RESULT_NEUTRAL_FIELDS`, :data:`SEARCHABLE_FIELDS`,
+:data:`LOCAL_FIELDS`). A config is written as JSON into every run directory and checkpoint.
 """
 
 from __future__ import annotations
