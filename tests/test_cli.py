@@ -102,3 +102,18 @@ def test_version_comes_from_one_place():
     assert importlib.metadata.version("jax-mnist") == jax_mnist.__version__
     changelog = (REPO / "CHANGELOG.md").read_text()
     assert f"## [{jax_mnist.__version__}]" in changelog  # every release has its entry
+
+
+def test_tune_sampler_and_pruner_choices_are_those_tune_knows():
+    from jax_mnist.cli import build_parser
+    from jax_mnist.tune.study import PRUNERS, SAMPLERS
+
+    parser = build_parser()
+    for sampler in SAMPLERS:
+        for pruner in PRUNERS:
+            args = parser.parse_args(
+                ["tune", "--study", "s", "--trials", "1", "--sampler", sampler, "--pruner", pruner]
+            )
+            assert (args.sampler, args.pruner) == (sampler, pruner)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["tune", "--study", "s", "--trials", "1", "--sampler", "grid"])

@@ -10,10 +10,15 @@ from jax_mnist.checkpoint import Checkpoints
 from jax_mnist.cli import build_parser
 from jax_mnist.config import (
     FIELDS,
+    LOCAL_FIELDS,
     PRESETS,
-    SCHEDULE_ONLY_FIELDS,
+    RESULT_NEUTRAL_FIELDS,
+    ROLES,
+    SEARCHABLE_FIELDS,
     Config,
     field_type,
+    fields_with_role,
+    option,
     preset_config,
     resolve_config,
 )
@@ -89,8 +94,68 @@ SCHEDULE_ONLY_CHANGES = {
 }
 
 
-def test_every_schedule_only_field_has_a_change_tried_below():
-    assert set(SCHEDULE_ONLY_CHANGES) == SCHEDULE_ONLY_FIELDS
+def test_every_result_neutral_field_has_a_change_tried_below():
+    assert set(SCHEDULE_ONLY_CHANGES) == RESULT_NEUTRAL_FIELDS
+
+
+# The sets as they were kept by hand in 0.2.0, before each field said its role: the sets
+# computed from the roles must stay these (a field added since must be added here knowingly).
+SETS_OF_0_2_0 = {
+    # config.SCHEDULE_ONLY_FIELDS: what may change when a run resumes (and epochs, by logic)
+    "schedule_only": {
+        "log_every",
+        "checkpoint_every",
+        "checkpoint_every_steps",
+        "keep",
+        "progress",
+        "tensorboard",
+        "devices",
+        "cache_dir",
+        "tfds_data_dir",
+        "deterministic",
+        "compilation_cache",
+    },
+    # tune.space.NOT_SEARCHABLE, less the above
+    "not_searchable": {
+        "preset",
+        "dataset",
+        "data_dir",
+        "data_source",
+        "val_size",
+        "val_seed",
+        "seed",
+        "eval_batch_size",
+    },
+}
+
+
+def test_sets_computed_from_roles_are_those_kept_by_hand_before():
+    from jax_mnist.resume import RESULT_NEUTRAL_FIELDS as resume_may_change
+    from jax_mnist.tune.study import PER_COMMAND_FIELDS
+
+    schedule_only = SETS_OF_0_2_0["schedule_only"]
+    assert RESULT_NEUTRAL_FIELDS == resume_may_change == schedule_only
+    assert set(FIELDS) - SEARCHABLE_FIELDS == SETS_OF_0_2_0["not_searchable"] | schedule_only
+    assert schedule_only | {"data_dir"} == PER_COMMAND_FIELDS  # tune.study.LOCAL_FIELDS of 0.2.0
+    assert fields_with_role("machine") | {"data_dir"} == LOCAL_FIELDS
+    assert fields_with_role(*ROLES) == set(FIELDS)
+    assert fields_with_role("schedule") == {
+        "log_every",
+        "checkpoint_every",
+        "checkpoint_every_steps",
+        "keep",
+        "progress",
+        "tensorboard",
+    }
+
+
+def test_option_refuses_a_role_it_does_not_know_and_a_searchable_non_result_field():
+    with pytest.raises(ValueError, match="role must be one of"):
+        option(0, "x", role="output")
+    with pytest.raises(ValueError, match="cannot be searchable"):
+        option(0, "x", role="schedule", searchable=True)
+    with pytest.raises(ValueError, match="unknown roles"):
+        fields_with_role("output")
 
 
 def _first_epoch(workdir):

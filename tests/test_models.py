@@ -13,7 +13,14 @@ from jax_mnist import steps, train
 from jax_mnist.checkpoint import Checkpoints
 from jax_mnist.config import Config
 from jax_mnist.data import load_dataset
-from jax_mnist.models import MODELS, abstract_model, build_model, count_params, create_model
+from jax_mnist.models import (
+    MODELS,
+    abstract_model,
+    build_model,
+    count_params,
+    create_model,
+    model_from_config,
+)
 
 ALL_MODELS = sorted(MODELS)
 
@@ -133,3 +140,49 @@ def test_create_model_computes_the_parameters_build_model_computes_op_by_op():
     assert jax.tree.structure(nnx.state(compiled)) == jax.tree.structure(nnx.state(eager))
     for a, b in zip(jax.tree.leaves(nnx.state(compiled)), jax.tree.leaves(nnx.state(eager)), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# What tune/space.py and serve/__init__.py said of each model in 0.2.0, before the registry
+# entries said it themselves: the entries must still say the same.
+TUNE_SPACES_OF_0_2_0 = {
+    "cnn": {"width": {"choices": [16, 24, 32, 48]}},
+    "lenet5": {"width": {"choices": [6, 12, 18, 24]}},
+    "mlp": {"width": {"choices": [256, 512, 1024]}, "depth": {"type": "int", "low": 1, "high": 3}},
+    "vgg": {"width": {"choices": [16, 32, 48]}, "depth": {"type": "int", "low": 1, "high": 3}},
+    "resnet": {"width": {"choices": [8, 16, 32]}, "depth": {"type": "int", "low": 1, "high": 3}},
+    "smallcnn": {"width": {"choices": [12, 16, 24, 32]}, "depth": {"type": "int", "low": 2, "high": 3}},
+    "smallcnn_bn": {"width": {"choices": [12, 16, 24, 32]}, "depth": {"type": "int", "low": 2, "high": 3}},
+}
+ONNX_RUNTIME_FASTER_ON_CPU_OF_0_2_0 = {"lenet5", "vgg", "resnet"}
+
+
+def test_registry_entries_say_what_tune_and_serve_said_of_each_model_before():
+    assert {name: entry.tune_space for name, entry in MODELS.items()} == TUNE_SPACES_OF_0_2_0
+    onnx = {name for name, entry in MODELS.items() if entry.cpu_engine == "onnx"}
+    assert onnx == ONNX_RUNTIME_FASTER_ON_CPU_OF_0_2_0
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_registry_entry_tune_space_is_valid_and_engine_known(name):
+    from jax_mnist.tune.space import default_space, parse_space
+
+    entry = MODELS[name]
+    assert entry.cpu_engine in ("jax", "onnx")
+    params = parse_space(default_space(name), Config(model=name), source=name)
+    assert set(entry.tune_space) <= {p.name for p in params}
+    default_space(name)["width"]["choices"].append(0)  # a copy: the registry stays as it is
+    assert entry.tune_space == TUNE_SPACES_OF_0_2_0[name]
+
+
+def test_compute_dtype_names_the_dtypes_a_config_may_choose():
+    from jax_mnist.config import FIELDS
+    from jax_mnist.models import COMPUTE_DTYPES, compute_dtype
+
+    assert FIELDS["dtype"].metadata["choices"] == COMPUTE_DTYPES
+    assert compute_dtype("float32") is jnp.float32 and compute_dtype("bfloat16") is jnp.bfloat16
+    with pytest.raises(ValueError, match="compute dtype"):
+        compute_dtype("float16")
+    settings = Config(model="lenet5", dtype="bfloat16")
+    model = nnx.eval_shape(model_from_config(settings, num_classes=10))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert model.conv1.dtype == jnp.bfloat16

@@ -444,8 +444,8 @@ def untrained_model(name: str, dtype: str = "float32"):
 def test_auto_engine_is_onnx_runtime_where_it_is_faster_on_a_cpu_and_jax_elsewhere():
     from jax_mnist.serve import choose_engine
 
-    assert choose_engine(untrained_model("cnn"))[0] == "jax"
-    assert choose_engine(untrained_model("mlp"))[0] == "jax"
+    for name in ("cnn", "mlp", "smallcnn", "smallcnn_bn"):
+        assert choose_engine(untrained_model(name))[0] == "jax"
     for name in ("lenet5", "vgg", "resnet"):
         assert choose_engine(untrained_model(name))[0] == "onnx"  # JAX runs on the CPU here
     engine, why = choose_engine(untrained_model("lenet5", dtype="bfloat16"))

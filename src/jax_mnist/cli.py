@@ -21,6 +21,7 @@ from jax_mnist import __version__, commands
 from jax_mnist.config import Config, field_type, flag_name
 from jax_mnist.errors import UserError, WriteError, write_failure
 from jax_mnist.serve import ENGINES as SERVE_ENGINES  # the serve package imports nothing heavy
+from jax_mnist.tune.study import PRUNERS, SAMPLERS  # neither does the tune package
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -269,10 +270,10 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--study-name", metavar="NAME", help="name of the study in the storage (default: DIR's name)"
     )
-    parser.add_argument("--sampler", choices=("tpe", "random"), default="tpe", help="default: tpe")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="tpe", help="default: tpe")
     parser.add_argument(
         "--pruner",
-        choices=("median", "halving", "none"),
+        choices=PRUNERS,
         default="median",
         help="stop hopeless trials from their per-epoch validation accuracy (default: median)",
     )

@@ -2,8 +2,11 @@
 
 Every field becomes a command-line flag (``batch_size`` -> ``--batch-size``) with its help
 text and range taken from the field's metadata, so this file is the single place where a
-hyperparameter is declared. A config is written as JSON into every run directory and
-checkpoint.
+hyperparameter is declared. A field also says its role (:data:`ROLES`: whether it changes what
+a run computes), whether a search may vary it and whether its value belongs to one machine;
+what a resumed run may change and what ``jax-mnist tune`` may search are computed from that
+(:func:`fields_with_role`, :data:`RESULT_NEUTRAL_FIELDS`, :data:`SEARCHABLE_FIELDS`,
+:data:`LOCAL_FIELDS`). A config is written as JSON into every run directory and checkpoint.
 """
 
 from __future__ import annotations
@@ -17,6 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from jax_mnist.errors import ConfigError, UserError
+from jax_mnist.models import COMPUTE_DTYPES  # the registry imports no JAX
+
+# What a field is, said where it is declared; every set of fields the code needs is computed
+# from these (see the sets after :class:`Config`):
+#   result    changes what a run computes (the default);
+#   schedule  only when a run logs, saves or shows its progress;
+#   machine   only where or how it runs, never the numbers it computes.
+ROLES = ("result", "schedule", "machine")
 
 
 def option(
@@ -28,8 +39,23 @@ def option(
     choices: tuple[str, ...] | None = None,
     group: str = "optimization",
     min_exclusive: bool = False,
+    role: str = "result",
+    searchable: bool | None = None,
+    local: bool | None = None,
 ) -> Any:
-    """A config field with the metadata the CLI and :meth:`Config.validate` read."""
+    """A config field with the metadata the CLI, :meth:`Config.validate`, resume and tune read.
+
+    Args:
+      role: one of :data:`ROLES`: what changing the field changes.
+      searchable: whether ``jax-mnist tune`` may vary it. Only ``result`` fields can be, and
+        they are unless this says ``False``.
+      local: whether its value belongs to the machine a command runs on (a path, the devices),
+        so the commands of one study may give different values. ``machine`` fields are.
+    """
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    if searchable and role != "result":
+        raise ValueError(f"a {role} field changes nothing a search scores; it cannot be searchable")
     meta = {
         "help": help,
         "min": min,
@@ -37,31 +63,15 @@ def option(
         "choices": choices,
         "group": group,
         "min_exclusive": min_exclusive,
+        "role": role,
+        "searchable": role == "result" if searchable is None else searchable,
+        "local": role == "machine" if local is None else local,
     }
     return dataclasses.field(default=default, metadata=meta)
 
 
-# Fields that set only how often a run logs and saves, or on how many devices it runs (results
-# do not depend on the layout), or where downloaded data is kept: they never change what a run
-# computes, so they may change when a run resumes. ``epochs`` may change too when the
-# learning-rate schedule does not depend on it (see ``Config.schedule_spans_run``).
-SCHEDULE_ONLY_FIELDS = frozenset(
-    {
-        "log_every",
-        "checkpoint_every",
-        "checkpoint_every_steps",
-        "keep",
-        "progress",
-        "tensorboard",
-        "devices",
-        "cache_dir",
-        "tfds_data_dir",
-        # Deterministic GPU kernels change only the order of additions (float32 rounding),
-        # and the compilation cache only where compiled programs come from.
-        "deterministic",
-        "compilation_cache",
-    }
-)
+# How a run shows its progress on the console (``--progress``; ``logs.use_progress_bar``).
+PROGRESS_MODES = ("auto", "bar", "plain")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +80,10 @@ class Config:
 
     # -- what to train
     preset: str = option(
-        "seed", "named preset the other flags start from (see `jax-mnist presets`)", group="what to train"
+        "seed",
+        "named preset the other flags start from (see `jax-mnist presets`)",
+        group="what to train",
+        searchable=False,  # it names where the other settings started, not a setting of its own
     )
     model: str = option("cnn", "architecture (see `jax-mnist models`)", group="what to train")
     width: int = option(
@@ -91,11 +104,17 @@ class Config:
     )
 
     # -- data
-    dataset: str = option("mnist", "dataset to train on (see `jax-mnist datasets`)", group="data")
+    # A search varies none of the data settings that follow but --train-size: they choose which
+    # images train and which validate, and trials scored on different images do not compare.
+    dataset: str = option(
+        "mnist", "dataset to train on (see `jax-mnist datasets`)", group="data", searchable=False
+    )
     data_dir: str | None = option(
         None,
         "folder with the dataset's four IDX files (gzipped or not) to use instead of the bundled copy",
         group="data",
+        searchable=False,
+        local=True,  # a path on this machine, though what it holds is trained on
     )
     data_source: str = option(
         "idx",
@@ -103,23 +122,27 @@ class Config:
         "into --cache-dir); tfds loads them through tensorflow_datasets (pip install 'jax-mnist[tfds]')",
         choices=("idx", "tfds"),
         group="data",
+        searchable=False,
     )
     cache_dir: str | None = option(
         None,
         "folder that downloaded datasets are kept in (default: the user cache folder, "
         "e.g. ~/.cache/jax-mnist on Linux)",
         group="data",
+        role="machine",
     )
     tfds_data_dir: str | None = option(
         None,
         "tensorflow_datasets data folder for --data-source tfds (default: tfds' own, ~/tensorflow_datasets)",
         group="data",
+        role="machine",
     )
     val_size: int = option(
         5000,
         "training examples held out for validation, chosen from --seed; 0 trains on the whole training set",
         min=0,
         group="data",
+        searchable=False,
     )
     val_seed: int | None = option(
         None,
@@ -127,6 +150,7 @@ class Config:
         "hold out the same images (for ensembles and searches scored on them); default: --seed",
         min=0,
         group="data",
+        searchable=False,
     )
     train_size: int = option(
         0,
@@ -172,7 +196,12 @@ class Config:
         min=0.0,
         max=0.99999,
     )
-    seed: int = option(0, "seed for initialization, validation split, data order and dropout", min=0)
+    seed: int = option(
+        0,
+        "seed for initialization, validation split, data order and dropout",
+        min=0,
+        searchable=False,  # it chooses the validation images too (unless --val-seed is set)
+    )
 
     # -- augmentation, on the device inside the training step
     aug_shift: float = option(
@@ -189,11 +218,14 @@ class Config:
     )
 
     # -- running
-    devices: int = option(0, "devices to train on, data parallel; 0 uses all", min=0, group="devices")
+    # Results do not depend on the number of devices (the global batch is split among them).
+    devices: int = option(
+        0, "devices to train on, data parallel; 0 uses all", min=0, group="devices", role="machine"
+    )
     dtype: str = option(
         "float32",
         "compute dtype; bfloat16 keeps float32 master weights",
-        choices=("float32", "bfloat16"),
+        choices=COMPUTE_DTYPES,
         group="devices",
     )
     steps_per_call: int = option(
@@ -209,31 +241,55 @@ class Config:
         "the same bits from the same settings on a GPU too: adds --xla_gpu_deterministic_ops=true "
         "to XLA_FLAGS (XLA:CPU is deterministic already)",
         group="devices",
+        # Deterministic GPU kernels change only the order of additions (float32 rounding).
+        role="machine",
     )
     compilation_cache: bool = option(
         True,
         "keep compiled programs in <cache folder>/xla (private to the user) and load them in later "
         "runs; JAX_COMPILATION_CACHE_DIR picks another folder, JAX_MNIST_COMPILATION_CACHE=0 turns it off",
         group="devices",
+        role="machine",  # only where compiled programs come from
     )
-    log_every: int = option(100, "print the training loss every this many steps", min=1, group="output")
-    checkpoint_every: int = option(1, "save a checkpoint every this many epochs", min=1, group="output")
+    log_every: int = option(
+        100, "print the training loss every this many steps", min=1, group="output", role="schedule"
+    )
+    checkpoint_every: int = option(
+        1, "save a checkpoint every this many epochs", min=1, group="output", role="schedule"
+    )
     checkpoint_every_steps: int = option(
-        0, "also save every this many steps; 0 saves only at epoch ends", min=0, group="output"
+        0,
+        "also save every this many steps; 0 saves only at epoch ends",
+        min=0,
+        group="output",
+        role="schedule",
     )
     keep: int = option(
-        3, "latest checkpoints to keep (the best one is kept separately)", min=1, group="output"
+        3,
+        "latest checkpoints to keep (the best one is kept separately)",
+        min=1,
+        group="output",
+        role="schedule",
     )
+    # Left a result field: a run resumes only with the evaluation batches it started with
+    # (sums over other batches may round differently). A search has no reason to vary it.
     eval_batch_size: int = option(
-        1000, "examples per evaluation batch (memory, not results)", min=1, group="output"
+        1000,
+        "examples per evaluation batch (memory, not results)",
+        min=1,
+        group="output",
+        searchable=False,
     )
     progress: str = option(
         "auto",
         "console output: a live bar per epoch (bar), plain lines (plain), or a bar on a terminal only (auto)",
-        choices=("auto", "bar", "plain"),
+        choices=PROGRESS_MODES,
         group="output",
+        role="schedule",
     )
-    tensorboard: bool = option(True, "write TensorBoard event files into the run directory", group="output")
+    tensorboard: bool = option(
+        True, "write TensorBoard event files into the run directory", group="output", role="schedule"
+    )
 
     @property
     def schedule_spans_run(self) -> bool:
@@ -335,6 +391,23 @@ def flag_name(field_name: str) -> str:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def fields_with_role(*roles: str) -> frozenset[str]:
+    """The names of the fields whose role (see :data:`ROLES`) is one of ``roles``."""
+    unknown = set(roles) - set(ROLES)
+    if unknown:
+        raise ValueError(f"unknown roles {sorted(unknown)}; the roles are {ROLES}")
+    return frozenset(name for name, f in FIELDS.items() if f.metadata["role"] in roles)
+
+
+# The sets the code needs, computed from what each field says of itself.
+# Fields that never change what a run computes: a run may resume with other values of them.
+RESULT_NEUTRAL_FIELDS = fields_with_role("schedule", "machine")
+# Fields that ``jax-mnist tune`` may vary.
+SEARCHABLE_FIELDS = frozenset(name for name, f in FIELDS.items() if f.metadata["searchable"])
+# Fields whose values belong to the machine a command runs on (paths, devices).
+LOCAL_FIELDS = frozenset(name for name, f in FIELDS.items() if f.metadata["local"])
 
 
 FIELD_TYPES = typing.get_type_hints(Config)

@@ -25,7 +25,7 @@ from jax_mnist.config import Config
 from jax_mnist.data.datasets import DATASETS, DatasetInfo
 from jax_mnist.errors import UserError
 from jax_mnist.metrics import average_predictions
-from jax_mnist.models import initialize, model_from_config
+from jax_mnist.models import compute_dtype, initialize, model_from_config
 
 Variables = dict[str, Any]  # {"params": nested dict of arrays, "model_state": nested dict}
 
@@ -79,7 +79,7 @@ class InferenceModel:
             images,
             mean=self.info.mean,
             std=self.info.std,
-            compute_dtype=jnp.bfloat16 if self.config.dtype == "bfloat16" else jnp.float32,
+            compute_dtype=compute_dtype(self.config.dtype),
         )
 
     @functools.cached_property

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from jax_mnist.config import PROGRESS_MODES
 from jax_mnist.rundir import write_atomically
 
-PROGRESS_MODES = ("auto", "bar", "plain")
 _event_file_ids = itertools.count()  # two writers in one process and second get distinct files
 
 

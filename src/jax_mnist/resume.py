@@ -13,17 +13,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from jax_mnist.config import SCHEDULE_ONLY_FIELDS, Config, resolve_config
+from jax_mnist.config import RESULT_NEUTRAL_FIELDS, Config, resolve_config
 from jax_mnist.errors import UserError
 
 
 def check_resume_config(stored: Config, config: Config, workdir: Path) -> None:
     """Refuses to resume a run with settings that would change what it computes.
 
-    Only :data:`SCHEDULE_ONLY_FIELDS` may change, and ``epochs`` when the learning rate does
-    not depend on the run's length (a constant schedule, with or without warmup): then a
-    finished run can be extended. A schedule laid over the whole run (one-cycle, cosine,
-    step) would give other rates to the steps already taken, so its ``epochs`` is fixed.
+    Only :data:`~jax_mnist.config.RESULT_NEUTRAL_FIELDS` may change (the fields whose role is
+    ``schedule`` or ``machine``), and ``epochs`` when the learning rate does not depend on the
+    run's length (a constant schedule, with or without warmup): then a finished run can be
+    extended. A schedule laid over the whole run (one-cycle, cosine, step) would give other
+    rates to the steps already taken, so its ``epochs`` is fixed. ``epochs`` is a result
+    field (a search varies it) whose change is decided here, from the stored schedule.
     """
     if config.epochs != stored.epochs and stored.schedule_spans_run:
         raise UserError(
@@ -35,7 +37,7 @@ def check_resume_config(stored: Config, config: Config, workdir: Path) -> None:
     differ = [
         f"{name} (stored {getattr(stored, name)!r}, given {getattr(config, name)!r})"
         for name in stored.to_dict()
-        if name not in SCHEDULE_ONLY_FIELDS | {"epochs"} and getattr(stored, name) != getattr(config, name)
+        if name not in RESULT_NEUTRAL_FIELDS | {"epochs"} and getattr(stored, name) != getattr(config, name)
     ]
     if differ:
         raise UserError(

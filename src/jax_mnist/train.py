@@ -35,7 +35,7 @@ from jax_mnist.data.datasets import DATASETS, DatasetInfo, split_validation
 from jax_mnist.errors import UserError, write_failure
 from jax_mnist.logs import RunLogger
 from jax_mnist.metrics import classification_metrics
-from jax_mnist.models import fastconv, model_from_config
+from jax_mnist.models import compute_dtype, fastconv, model_from_config
 from jax_mnist.optim import create_optimizer
 from jax_mnist.parallel import (
     agree_on_signal,
@@ -74,7 +74,7 @@ def create_setup(config: Config, steps_per_epoch: int, mesh: jax.sharding.Mesh |
     """Builds the model, optimizer and step settings that ``config`` describes."""
     info = DATASETS[config.dataset]
     mesh = mesh or create_mesh(config.devices, config.batch_size)
-    dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+    dtype = compute_dtype(config.dtype)
     tx = create_optimizer(config, steps_per_epoch)
     make_model = model_from_config(config, info.num_classes)
 

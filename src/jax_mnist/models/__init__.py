@@ -25,11 +25,20 @@ if TYPE_CHECKING:
 @dataclasses.dataclass(frozen=True)
 class ModelEntry:
     """A model of :data:`MODELS`: its class (or ``"module:Class"``, imported when first built),
-    what ``jax-mnist models`` says of it, and keyword arguments fixed for this name."""
+    what ``jax-mnist models`` says of it, and keyword arguments fixed for this name.
+
+    What else is said of the model lives here too: ``tune_space``, the entries (as in a space
+    file) that ``jax-mnist tune`` searches for it by default besides the settings every model
+    shares, its width (and depth) around the model's own; and ``cpu_engine``, the engine that
+    serves it faster on a CPU (``"jax"`` or ``"onnx"``: ONNX Runtime), which ``jax-mnist
+    serve --engine auto`` picks there.
+    """
 
     target: str | Callable[..., nnx.Module]
     description: str
     options: tuple[tuple[str, Any], ...] = ()
+    tune_space: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict, hash=False)
+    cpu_engine: str = "jax"
 
     @property
     def constructor(self) -> Callable[..., nnx.Module]:
@@ -40,31 +49,69 @@ class ModelEntry:
         return functools.partial(target, **dict(self.options)) if self.options else target
 
 
+# cpu_engine="onnx" where ONNX Runtime ran a run's model faster than jitted JAX on a CPU, at
+# batch 1 and at batch 1000 alike (benchmarks/inference_engines.py; the README has the table):
+# LeNet-5 1.5-2.8x, VGG 1.3-1.5x, ResNet 1.4-1.5x. JAX was faster for the seed CNN and, at
+# batch 1000, the MLP. On a GPU JAX runs on the GPU and ONNX Runtime (CPU) would not.
+_SMALLCNN_SPACE: dict[str, dict[str, Any]] = {
+    "width": {"choices": [12, 16, 24, 32]},
+    "depth": {"type": "int", "low": 2, "high": 3},
+}
+
 MODELS: dict[str, ModelEntry] = {
     "cnn": ModelEntry(
-        "jax_mnist.models.cnn:CNN", "the seed's CNN: 2 conv (32, 64) + avg-pool, dense 256, dropout"
+        "jax_mnist.models.cnn:CNN",
+        "the seed's CNN: 2 conv (32, 64) + avg-pool, dense 256, dropout",
+        tune_space={"width": {"choices": [16, 24, 32, 48]}},
     ),
     "lenet5": ModelEntry(
-        "jax_mnist.models.lenet:LeNet5", "LeNet-5 with ReLU and max-pool: conv 6, 16 (5x5), dense 120, 84"
+        "jax_mnist.models.lenet:LeNet5",
+        "LeNet-5 with ReLU and max-pool: conv 6, 16 (5x5), dense 120, 84",
+        tune_space={"width": {"choices": [6, 12, 18, 24]}},
+        cpu_engine="onnx",
     ),
-    "mlp": ModelEntry("jax_mnist.models.mlp:MLP", "multilayer perceptron: --depth x dense --width (2 x 512)"),
+    "mlp": ModelEntry(
+        "jax_mnist.models.mlp:MLP",
+        "multilayer perceptron: --depth x dense --width (2 x 512)",
+        tune_space={"width": {"choices": [256, 512, 1024]}, "depth": {"type": "int", "low": 1, "high": 3}},
+    ),
     "vgg": ModelEntry(
-        "jax_mnist.models.vgg:VGG", "VGG-style, batch norm: 3 stages of --depth 3x3 convs (32, 64, 128)"
+        "jax_mnist.models.vgg:VGG",
+        "VGG-style, batch norm: 3 stages of --depth 3x3 convs (32, 64, 128)",
+        tune_space={"width": {"choices": [16, 32, 48]}, "depth": {"type": "int", "low": 1, "high": 3}},
+        cpu_engine="onnx",
     ),
     "resnet": ModelEntry(
         "jax_mnist.models.resnet:ResNet",
         "pre-activation ResNet, batch norm: 3 stages of --depth blocks (16, 32, 64)",
+        tune_space={"width": {"choices": [8, 16, 32]}, "depth": {"type": "int", "low": 1, "high": 3}},
+        cpu_engine="onnx",
     ),
     "smallcnn": ModelEntry(
         "jax_mnist.models.smallcnn:SmallCNN",
         "the speed runs' CNN: conv 24 (5x5), 32 (3x3) + max-pool, dense 256",
+        tune_space=_SMALLCNN_SPACE,
     ),
     "smallcnn_bn": ModelEntry(
         "jax_mnist.models.smallcnn:SmallCNN",
         "smallcnn with batch norm after each convolution",
         options=(("batch_norm", True),),
+        tune_space=_SMALLCNN_SPACE,
     ),
 }
+
+
+# The dtypes a model may compute in (``--dtype``), by name; parameters stay float32.
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def compute_dtype(name: str) -> Any:
+    """The JAX dtype named ``name`` in a config (one of :data:`COMPUTE_DTYPES`)."""
+    import jax.numpy as jnp
+
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"compute dtype must be one of {COMPUTE_DTYPES}, got {name!r}")
+    return getattr(jnp, name)
 
 
 def build_model(
@@ -126,7 +173,7 @@ class ModelSettings(Protocol):
     dropout: float
     width: int
     depth: int
-    dtype: str  # "float32" or "bfloat16"
+    dtype: str  # one of COMPUTE_DTYPES
     seed: int
 
 
@@ -138,9 +185,6 @@ def model_from_config(config: ModelSettings, num_classes: int) -> Callable[[], n
     JAX traces, under ``nnx.eval_shape`` for the structure alone (no parameters are computed),
     or pass it to :func:`initialize`.
     """
-    import jax.numpy as jnp
-
-    dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
     return functools.partial(
         build_model,
         config.model,
@@ -148,7 +192,7 @@ def model_from_config(config: ModelSettings, num_classes: int) -> Callable[[], n
         dropout=config.dropout,
         width=config.width,
         depth=config.depth,
-        dtype=dtype,
+        dtype=compute_dtype(config.dtype),
         seed=config.seed,
     )
 

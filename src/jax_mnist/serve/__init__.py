@@ -23,11 +23,6 @@ if TYPE_CHECKING:
 
 EXTRA_HINT = "pip install 'jax-mnist[serve]'"
 ENGINES = ("auto", "jax", "onnx")
-# Where ONNX Runtime ran a run's model faster than jitted JAX on a CPU, at batch 1 and at
-# batch 1000 alike (benchmarks/inference_engines.py; the README has the table): LeNet-5
-# 1.5-2.8x, VGG 1.3-1.5x, ResNet 1.4-1.5x. JAX was faster for the seed CNN and, at
-# batch 1000, the MLP. On a GPU JAX runs on the GPU and ONNX Runtime (CPU) would not.
-ONNX_RUNTIME_FASTER_ON_CPU = frozenset({"lenet5", "vgg", "resnet"})
 
 
 def check_serve_extra(*, metrics: bool = False) -> None:
@@ -55,9 +50,9 @@ def _check_engine(engine: str) -> None:
 def choose_engine(model, engine: str = "auto") -> tuple[str, str]:
     """Which engine serves a run's ``model``: ``("jax" | "onnx", why)``.
 
-    ``auto`` picks ONNX Runtime where it was measured faster than JAX on a CPU
-    (:data:`ONNX_RUNTIME_FASTER_ON_CPU`), when JAX computes on the CPU, the run in float32 and
-    the ``export`` extra is installed; JAX otherwise.
+    ``auto`` picks ONNX Runtime where it was measured faster than JAX on a CPU (the model's
+    registry entry says so: ``cpu_engine`` in :data:`jax_mnist.models.MODELS`), when JAX
+    computes on the CPU, the run in float32 and the ``export`` extra is installed; JAX otherwise.
     """
     _check_engine(engine)
     if engine != "auto":
@@ -66,8 +61,11 @@ def choose_engine(model, engine: str = "auto") -> tuple[str, str]:
 
     import jax
 
+    from jax_mnist.models import MODELS
+
     architecture = model.config.model
-    if architecture not in ONNX_RUNTIME_FASTER_ON_CPU:
+    entry = MODELS.get(architecture)
+    if entry is None or entry.cpu_engine != "onnx":
         return "jax", f"auto: JAX is the faster engine for {architecture}"
     if jax.default_backend() != "cpu":
         return "jax", f"auto: JAX runs on the {jax.default_backend()}"

@@ -29,7 +29,6 @@ from jax_mnist.tune.study import (
     run_worker_processes,
     training_cost,
 )
-from jax_mnist.tune.summary import summarize, toml_text, trial_rows
 
 __all__ = [
     "Param",
@@ -46,6 +45,19 @@ __all__ = [
     "trial_rows",
     "tune",
 ]
+
+
+# The summary draws with matplotlib and NumPy: loaded when first used, so that importing the
+# package (the CLI reads the sampler and pruner names of tune.study) stays light.
+_SUMMARY_NAMES = ("summarize", "toml_text", "trial_rows")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUMMARY_NAMES:
+        from jax_mnist.tune import summary
+
+        return getattr(summary, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def tune(settings: TuneSettings, *, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -76,4 +88,6 @@ def _tune(settings: TuneSettings, log: Callable[[str], None]) -> dict[str, Any]:
     else:
         run_worker_processes(settings)
     log(f"search took {time.perf_counter() - t0:.1f} s")
+    from jax_mnist.tune.summary import summarize
+
     return summarize(settings, log=log)

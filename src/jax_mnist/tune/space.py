@@ -8,6 +8,7 @@ a trial runs.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 from jax_mnist.config import (
     FIELDS,
-    SCHEDULE_ONLY_FIELDS,
+    SEARCHABLE_FIELDS,
     Config,
     field_type,
     flag_name,
@@ -23,15 +24,7 @@ from jax_mnist.config import (
     read_table_file,
 )
 from jax_mnist.errors import ConfigError, UserError
-
-# Settings a search must not vary: they change which images validate (so trials would be
-# scored on different sets), what is trained on, or only where and how output goes.
-NOT_SEARCHABLE = (
-    frozenset(
-        {"preset", "dataset", "data_dir", "data_source", "val_size", "val_seed", "seed", "eval_batch_size"}
-    )
-    | SCHEDULE_ONLY_FIELDS
-)
+from jax_mnist.models import MODELS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,21 +83,11 @@ def _common_space() -> dict[str, dict[str, Any]]:
     }
 
 
-# Width (and depth where the model has one) per model family, around each model's default.
-_FAMILY_SPACE: dict[str, dict[str, dict[str, Any]]] = {
-    "cnn": {"width": {"choices": [16, 24, 32, 48]}},
-    "lenet5": {"width": {"choices": [6, 12, 18, 24]}},
-    "mlp": {"width": {"choices": [256, 512, 1024]}, "depth": {"type": "int", "low": 1, "high": 3}},
-    "vgg": {"width": {"choices": [16, 32, 48]}, "depth": {"type": "int", "low": 1, "high": 3}},
-    "resnet": {"width": {"choices": [8, 16, 32]}, "depth": {"type": "int", "low": 1, "high": 3}},
-    "smallcnn": {"width": {"choices": [12, 16, 24, 32]}, "depth": {"type": "int", "low": 2, "high": 3}},
-    "smallcnn_bn": {"width": {"choices": [12, 16, 24, 32]}, "depth": {"type": "int", "low": 2, "high": 3}},
-}
-
-
 def default_space(model: str) -> dict[str, dict[str, Any]]:
-    """The built-in space of a model family, as the entries of a space file."""
-    return {**_common_space(), **_FAMILY_SPACE.get(model, {})}
+    """The built-in space of a model family, as the entries of a space file: the settings every
+    model shares and the model's own (its registry entry's ``tune_space``: width, depth)."""
+    own = MODELS[model].tune_space if model in MODELS else {}
+    return {**_common_space(), **copy.deepcopy(own)}
 
 
 def read_space_file(path: Path) -> dict[str, Any]:
@@ -121,7 +104,10 @@ def parse_space(entries: dict[str, Any], base: Config, *, source: str) -> list[P
         where = f"{source}: {key}"
         if name not in FIELDS:
             raise UserError(f"{where}: unknown setting; the entries are fields of `jax-mnist train --help`")
-        if name in NOT_SEARCHABLE:
+        # Each field says whether a search may vary it (``option(searchable=...)`` in config.py):
+        # not those that change which images validate (trials would be scored on different
+        # sets), what is trained on, or only where and how a run goes.
+        if name not in SEARCHABLE_FIELDS:
             raise UserError(
                 f"{where}: not searchable (it changes the validation images or only the output); "
                 f"fix it with {flag_name(name)} instead"

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from jax_mnist.config import SCHEDULE_ONLY_FIELDS, Config, normalize_keys, resolve_config
+from jax_mnist.config import LOCAL_FIELDS, Config, fields_with_role, normalize_keys, resolve_config
 from jax_mnist.errors import ConfigError, UserError
 from jax_mnist.tune.space import Param, build_space, format_params, parse_space
 
@@ -41,8 +41,9 @@ WORKER_ENV = "JAX_MNIST_TUNE_WORKER"
 # machine lost) is marked failed by the next worker that looks.
 HEARTBEAT_S = 10
 GRACE_PERIOD_S = 40
-# Settings that may differ between the commands of one study (paths on different machines).
-LOCAL_FIELDS = SCHEDULE_ONLY_FIELDS | {"data_dir"}
+# Settings that may differ between the commands of one study: those of the machine each runs
+# on (paths, devices) and those that only say when a run logs and saves.
+PER_COMMAND_FIELDS = fields_with_role("schedule") | LOCAL_FIELDS
 
 
 class TuneInterrupted(UserError):
@@ -198,7 +199,7 @@ def redact(url: str) -> str:
 
 
 def _study_attrs(settings: TuneSettings) -> dict[str, Any]:
-    base = {k: v for k, v in settings.base.to_dict().items() if k not in LOCAL_FIELDS}
+    base = {k: v for k, v in settings.base.to_dict().items() if k not in PER_COMMAND_FIELDS}
     attrs = {"base_config": base, "space": {p.name: p.to_dict() for p in settings.space}}
     if settings.cost_target is not None:
         attrs["cost_target"] = settings.cost_target
