@@ -468,12 +468,13 @@ def _interrupted(run: _Run, step: int, signum: int) -> TrainingInterrupted:
 
 def _evaluate_test(run: _Run, state: steps.TrainState, arrays: Arrays) -> dict[str, Any]:
     """Test metrics, once, at the end; process 0 keeps the predictions for reports."""
-    metrics, logits = evaluate_arrays(run.predict, state, arrays.test_images, arrays.test_labels, run.config)
+    images, labels = arrays.test_split()
+    metrics, logits = evaluate_arrays(run.predict, state, images, labels, run.config)
     if run.main:
         # Plain arrays (np.load reads them without pickle), replaced whole as every file of a run.
         tmp = run.workdir / ".test_predictions.npz.tmp"
         with tmp.open("wb") as f:
-            np.savez(f, logits=logits, labels=arrays.test_labels)
+            np.savez(f, logits=logits, labels=labels)
         os.replace(tmp, run.workdir / "test_predictions.npz")
     return metrics
 
