@@ -2,8 +2,9 @@
 
     python benchmarks/eval_throughput.py                  # 5 rounds over the 10,000 test images
 
-jax-mnist runs ``train.make_predict_fn`` (the function ``jax-mnist train`` and ``evaluate``
-use: jitted forward passes of ``--eval-batch-size`` 1,000, logits copied to the host);
+jax-mnist runs its one predictor (``inference.make_batched_predict``, which ``jax-mnist train``,
+``evaluate`` and ``serve`` use: jitted forward passes of ``--eval-batch-size`` 1,000, logits
+copied to the host);
 PyTorch runs ``model.eval()`` under ``torch.inference_mode()`` with batches of 1,000, in
 NCHW and in channels-last (the faster is PyTorch's figure). Both start from the uint8
 images in memory and end with the logits in a NumPy array. Rounds alternate.
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
     n = len(data.test_images)
 
     def jax_pass():
-        return to_host(predict(state.params, state.model_state, images))
+        return predict({"params": state.params, "model_state": state.model_state}, images)
 
     t0 = time.perf_counter()
     jax_pass()

@@ -56,13 +56,12 @@ def test_training_steps_lower_the_loss_and_evaluation_is_deterministic(name, bat
     assert losses[-1] < 0.8 * losses[0], losses
 
     predict = train.make_predict_fn(setup)
-    a = predict(state.params, state.model_state, batch[0])
-    np.testing.assert_array_equal(a, predict(state.params, state.model_state, batch[0]))
+    variables = {"params": state.params, "model_state": state.model_state}
+    a = predict(variables, batch[0])
+    np.testing.assert_array_equal(a, predict(variables, batch[0]))
     # Evaluation of one image does not depend on the rest of its batch (batch norm uses
     # its running statistics).
-    np.testing.assert_allclose(
-        predict(state.params, state.model_state, batch[0][:1])[0], a[0], rtol=1e-4, atol=1e-4
-    )
+    np.testing.assert_allclose(predict(variables, batch[0][:1])[0], a[0], rtol=1e-4, atol=1e-4)
 
     # Parameters and batch statistics round-trip through a checkpoint exactly.
     checkpoints = Checkpoints(tmp_path, keep=1)

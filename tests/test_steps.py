@@ -61,7 +61,9 @@ def test_logged_training_loss_is_the_plain_cross_entropy_under_label_smoothing()
     state = train.create_train_state(setup)
     arrays = load_dataset(config)
     images, labels = jnp.asarray(arrays.train_images[:64]), jnp.asarray(arrays.train_labels[:64], jnp.int32)
-    logits = steps.predict_batch(state.params, state.model_state, images, setup.settings)
+    logits = steps.apply_variables(
+        {"params": state.params, "model_state": state.model_state}, images, setup.settings
+    )
     plain = steps.cross_entropy(logits, labels, 10).sum()
     smoothed = steps.cross_entropy(logits, labels, 10, 0.2).sum()
     _, sums = jax.jit(functools.partial(steps.train_step, settings=setup.settings))(state, images, labels)
@@ -100,5 +102,5 @@ def test_weight_ema_averages_the_batch_statistics_too():
         )
     )
     # Evaluation takes the averaged weights with the averaged statistics.
-    params, model_state = train.eval_variables(state)
-    assert params is state.ema_params and model_state is state.ema_model_state
+    variables = steps.eval_variables(state, setup.config.ema_decay)
+    assert variables["params"] is state.ema_params and variables["model_state"] is state.ema_model_state

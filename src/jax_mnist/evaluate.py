@@ -78,7 +78,7 @@ def _split_arrays(config: Config, runs: list[InferenceModel], split: str) -> tup
 
     arrays = load_dataset(config, test=split == "test")
     if split == "test":
-        return arrays.test_images, arrays.test_labels
+        return arrays.test_split()
     holdouts = {(run.config.val_size, run.config.validation_seed) for run in runs}
     if len(holdouts) > 1:
         raise UserError(

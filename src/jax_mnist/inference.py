@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jax_mnist import steps
 from jax_mnist.checkpoint import Checkpoints
@@ -26,8 +29,8 @@ from jax_mnist.data.datasets import DATASETS, DatasetInfo
 from jax_mnist.errors import UserError
 from jax_mnist.metrics import average_predictions
 from jax_mnist.models import compute_dtype, initialize, model_from_config
-
-Variables = dict[str, Any]  # {"params": nested dict of arrays, "model_state": nested dict}
+from jax_mnist.parallel import put_replicated, replicate, to_host
+from jax_mnist.steps import Variables
 
 # Test-time augmentation: the image itself and one-pixel shifts down, up, right and left.
 TTA_SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
@@ -83,17 +86,18 @@ class InferenceModel:
         )
 
     @functools.cached_property
-    def _jitted_apply(self):
-        return jax.jit(self.apply)
+    def _predict(self) -> Callable[..., np.ndarray]:
+        # On one device: what is loaded for inference lives on the first (load_model).
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+        return make_batched_predict(self.apply, mesh, self.num_classes)
 
     def predict_logits(
         self, images: np.ndarray, *, tta: bool = False, batch_size: int | None = None
     ) -> np.ndarray:
         """Logits float32 ``[N, C]`` for uint8 or [0, 1] float images ``[N, 28, 28]``.
 
-        Images go through in batches of at most ``batch_size`` (default: the run's
-        ``eval_batch_size``), each padded up to a power of two, so a few shapes are compiled
-        however many images come and a single image is not padded to a thousand.
+        Images go through :func:`make_batched_predict` in batches of at most ``batch_size``
+        (default: the run's ``eval_batch_size``).
 
         With ``tta``, the log of the softmax probabilities averaged over the images and
         their copies shifted by one pixel in each direction (:data:`TTA_SHIFTS`).
@@ -101,12 +105,7 @@ class InferenceModel:
         images = check_images(images)
         if tta:
             return tta_logits(functools.partial(self.predict_logits, batch_size=batch_size), images)
-        return run_in_batches(
-            functools.partial(self._jitted_apply, self.variables),
-            images,
-            batch_size or self.config.eval_batch_size,
-            self.num_classes,
-        )
+        return self._predict(self.variables, images, batch_size or self.config.eval_batch_size)
 
     def describe(self) -> dict[str, Any]:
         """What is loaded, as JSON-able facts: architecture, size, source run and checkpoint."""
@@ -142,24 +141,74 @@ def tta_logits(predict, images: np.ndarray) -> np.ndarray:
     )
 
 
-def run_in_batches(fn, images: np.ndarray, limit: int, num_classes: int, *, pad: bool = True) -> np.ndarray:
+def padded_size(n: int, limit: int, multiple: int = 1) -> int:
+    """The size a batch of ``n`` images is padded to: the next power of two, rounded up to a
+    multiple of ``multiple`` (the devices it is split over), at most ``limit``, so a compiled
+    function sees a few shapes however many images come, and one image is not padded to a
+    thousand."""
+    return min(limit, -(-(1 << (n - 1).bit_length()) // multiple) * multiple)
+
+
+def run_in_batches(
+    fn: Callable[[np.ndarray], Any],
+    images: np.ndarray,
+    limit: int,
+    num_classes: int,
+    *,
+    pad: bool = True,
+    multiple: int = 1,
+) -> np.ndarray:
     """``fn`` (images ``[B, 28, 28]`` -> logits ``[B, C]``) over ``images`` in batches of ``limit``.
 
-    With ``pad``, each batch is padded with zeros up to a power of two (at most ``limit``),
-    so a compiled function sees a few shapes however many images come.
+    With ``pad``, each batch is padded with zeros to :func:`padded_size`. Every batch is
+    handed to ``fn`` before any result is read back, so device calls queue up behind each
+    other. Returns float32 logits ``[N, C]`` as NumPy.
     """
-    out = []
+    outputs = []
     for start in range(0, len(images), limit):
         batch = images[start : start + limit]
         if pad:
-            padded = np.zeros((min(limit, 1 << (len(batch) - 1).bit_length()), *batch.shape[1:]), batch.dtype)
+            padded = np.zeros((padded_size(len(batch), limit, multiple), *batch.shape[1:]), batch.dtype)
             padded[: len(batch)] = batch
         else:
             padded = batch
-        out.append(np.asarray(fn(padded))[: len(batch)])
-    if not out:
+        outputs.append((fn(padded), len(batch)))
+    if not outputs:
         return np.zeros((0, num_classes), np.float32)
-    return np.concatenate(out)
+    return np.concatenate([np.asarray(to_host(logits))[:n] for logits, n in outputs])
+
+
+def make_batched_predict(
+    apply: Callable[[Variables, jax.Array], jax.Array], mesh: jax.sharding.Mesh, num_classes: int
+) -> Callable[..., np.ndarray]:
+    """The one predictor: ``(variables, images [N, 28, 28], batch_size) -> logits`` float32
+    ``[N, C]`` (NumPy), for validation and test during training, ``evaluate``, ``predict``,
+    ``serve`` and export's checks.
+
+    ``apply(variables, images [B, 28, 28]) -> logits [B, C]`` is jitted once; ``variables``
+    must already be on ``mesh`` (replicated). Images are cut into batches on the host (at most
+    ``batch_size``, rounded up to a multiple of the mesh's devices), each padded by
+    :func:`run_in_batches`, copied to every device, and split over the devices along the
+    batch: each device computes its share.
+    """
+    num_devices = mesh.devices.size
+    batch_sharding = NamedSharding(mesh, P("data"))
+
+    @functools.partial(jax.jit, out_shardings=replicate(mesh))
+    def forward(variables: Variables, images: jax.Array) -> jax.Array:
+        return apply(variables, jax.lax.with_sharding_constraint(images, batch_sharding))
+
+    def predict(variables: Variables, images: np.ndarray, batch_size: int) -> np.ndarray:
+        limit = -(-batch_size // num_devices) * num_devices
+        return run_in_batches(
+            lambda batch: forward(variables, put_replicated(batch, mesh)),
+            np.asarray(to_host(images)),
+            limit,
+            num_classes,
+            multiple=num_devices,
+        )
+
+    return predict
 
 
 def shift_images(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
@@ -215,9 +264,7 @@ def load_model(workdir: str | Path, which: str | int = "best", *, warn=print) ->
         config = checkpoints.read_config(which)
         info = DATASETS[config.dataset]
         graphdef, variables = abstract_variables(config, info)
-        # The training state stores the weights as ``params``/``model_state`` and, with
-        # --ema-decay, their averages as ``ema_params``/``ema_model_state``.
-        names = ("ema_params", "ema_model_state") if config.ema_decay else ("params", "model_state")
+        names = steps.eval_variable_names(config.ema_decay)
         abstract = dict(zip(names, (variables["params"], variables["model_state"]), strict=True))
         restored = checkpoints.restore(abstract, which, partial=True, warn=warn)
     finally:

@@ -142,6 +142,7 @@ def _materialize(g: _Graph, v: _Value, perm=None) -> str:
     perm = tuple(perm) if perm is not None else tuple(range(rank))
     if v.const is not None:
         return g.constant(np.transpose(v.const, perm) if rank else v.const)
+    assert v.name is not None, "a value is a constant or a named tensor"
     current = v.perm or tuple(range(rank))
     if current == perm:
         return v.name
@@ -158,7 +159,7 @@ def _convert(g: _Graph, jaxpr, args: list[_Value]) -> list[_Value]:
 
     def read(var) -> _Value:
         if isinstance(var, jcore.Literal):
-            return _Value(const=np.asarray(var.val, var.aval.dtype), shape=())
+            return _Value(const=np.asarray(var.val, var.aval.dtype), shape=())  # type: ignore[attr-defined]
         value = env[var]
         value.shape = tuple(var.aval.shape)
         return value
@@ -183,6 +184,9 @@ def _convert(g: _Graph, jaxpr, args: list[_Value]) -> list[_Value]:
     return [read(v) for v in jaxpr.outvars]
 
 
+# One function with a branch per primitive, longer than we otherwise allow: it reads as the
+# table of what the converter supports, and the branches share the output's rank and layout
+# computed at the top; a function per primitive would pass them around twenty times.
 def _convert_eqn(g: _Graph, name: str, params: dict, ins: list[_Value], eqn) -> _Value:
     from onnx import helper
 
@@ -194,8 +198,8 @@ def _convert_eqn(g: _Graph, name: str, params: dict, ins: list[_Value], eqn) -> 
         # Elementwise: computed in the layout of the first tensor operand; constants follow it.
         perm = next((v.perm for v in ins if v.const is None and len(v.shape) == rank), None) or identity
         if name == "max" and any(v.const is not None and not np.any(v.const) for v in ins):
-            (tensor,) = [v for v in ins if v.const is None]
-            return _Value(g.node("Relu", [_materialize(g, tensor, perm)]), perm=perm)
+            (operand,) = [v for v in ins if v.const is None]
+            return _Value(g.node("Relu", [_materialize(g, operand, perm)]), perm=perm)
         if name == "sub" and ins[1].const is not None:
             # x + (-c) rather than x - c: ONNX Runtime folds a constant Add or Mul after a
             # convolution into its weights (batch norm arrives as subtract, scale, shift), not a Sub.
@@ -209,8 +213,9 @@ def _convert_eqn(g: _Graph, name: str, params: dict, ins: list[_Value], eqn) -> 
         return _Value(g.node(op, names), perm=perm)
 
     if name == "rsqrt":
-        perm = ins[0].perm
-        return _Value(g.node("Reciprocal", [g.node("Sqrt", [_materialize(g, ins[0], perm)])]), perm=perm)
+        return _Value(
+            g.node("Reciprocal", [g.node("Sqrt", [_materialize(g, ins[0], ins[0].perm)])]), perm=ins[0].perm
+        )
 
     if name == "transpose":
         (v,) = ins
@@ -273,7 +278,7 @@ def _convert_eqn(g: _Graph, name: str, params: dict, ins: list[_Value], eqn) -> 
         # Pooled dimensions last, the others first in the order they are in now.
         perm = tuple([a for a in current if a in trivial] + [a for a in current if a not in trivial])
         spatial = perm[len(trivial) :]
-        attrs = {
+        attrs: dict[str, Any] = {
             "kernel_shape": [window[a] for a in spatial],
             "strides": [strides[a] for a in spatial],
             "pads": [params["padding"][a][0] for a in spatial] + [params["padding"][a][1] for a in spatial],

@@ -93,30 +93,9 @@ def _exit_with_error(message: str) -> None:
     os._exit(1)
 
 
-def initialize_distributed(
-    settings: DistributedSettings, *, on_timeout: Callable[[str], None] = _exit_with_error
-) -> bool:
-    """Joins this process to a multi-process run with ``jax.distributed.initialize``.
-
-    Call it first, before anything touches a device. Does nothing (returns False) when
-    ``settings`` asks for no multi-process run, so a single run never waits on a network.
-    On CPU the processes exchange data with gloo collectives (JAX's default).
-
-    If not every process has joined within ``settings.timeout_s`` seconds, ``on_timeout``
-    is called from a watchdog thread with a one-line message (by default: printed, and the
-    process exits with code 1). JAX itself would abort the process from C++ a little later,
-    with a stack trace; the watchdog says what went wrong first.
-
-    Returns:
-      True when the process joined a multi-process run.
-
-    Raises:
-      ConfigError: the flags are incomplete or inconsistent.
-      UserError: no cluster detected with ``auto``, or process 0 cannot listen on the port.
-    """
-    if not settings.requested:
-        return False
-    s = settings
+def _check_settings(s: DistributedSettings) -> None:
+    """Raises ConfigError, naming the flag, for incomplete or inconsistent settings; checks
+    that process 0 can listen on the coordinator's port."""
     if not s.auto:
         missing = [
             flag
@@ -143,6 +122,33 @@ def initialize_distributed(
         _, port = _parse_address(s.coordinator)
         if s.process_id == 0:
             _check_port_free(port)
+
+
+def initialize_distributed(
+    settings: DistributedSettings, *, on_timeout: Callable[[str], None] = _exit_with_error
+) -> bool:
+    """Joins this process to a multi-process run with ``jax.distributed.initialize``.
+
+    Call it first, before anything touches a device. Does nothing (returns False) when
+    ``settings`` asks for no multi-process run, so a single run never waits on a network.
+    On CPU the processes exchange data with gloo collectives (JAX's default).
+
+    If not every process has joined within ``settings.timeout_s`` seconds, ``on_timeout``
+    is called from a watchdog thread with a one-line message (by default: printed, and the
+    process exits with code 1). JAX itself would abort the process from C++ a little later,
+    with a stack trace; the watchdog says what went wrong first.
+
+    Returns:
+      True when the process joined a multi-process run.
+
+    Raises:
+      ConfigError: the flags are incomplete or inconsistent.
+      UserError: no cluster detected with ``auto``, or process 0 cannot listen on the port.
+    """
+    if not settings.requested:
+        return False
+    s = settings
+    _check_settings(s)
 
     def timed_out() -> None:
         address = s.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or "the coordinator"

@@ -71,7 +71,7 @@ def to_mnist_form(gray: np.ndarray, *, name: str = "image") -> np.ndarray:
     h, w = img.shape
     scale = 20.0 / max(h, w)
     new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
-    resized = Image.fromarray((img * 255).astype(np.uint8)).resize((new_w, new_h), Image.LANCZOS)
+    resized = Image.fromarray((img * 255).astype(np.uint8)).resize((new_w, new_h), Image.Resampling.LANCZOS)
     digit = np.asarray(resized, np.float32) / 255.0
 
     canvas = np.zeros((28, 28), np.float32)
@@ -134,7 +134,7 @@ def decode_image(source: Path | BinaryIO, *, name: str = "image") -> np.ndarray:
                 # Transparent pixels count as background: composite on the image's own
                 # dominant background would be guesswork, white paper is the common case.
                 background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-                image = Image.alpha_composite(background, image.convert("RGBA"))
+                return np.asarray(Image.alpha_composite(background, image.convert("RGBA")).convert("L"))
             return np.asarray(image.convert("L"))
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image Pillow can read (PNG, JPEG, BMP, GIF, TIFF, ...)") from None

@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx, struct
 from jax import lax
@@ -52,12 +53,42 @@ class TrainState:
     epoch_sums: dict[str, jax.Array]
 
 
-def zero_sums() -> dict[str, jax.Array]:
+# Running sums of steps: ``loss`` float32, ``correct`` and ``count`` int32 scalars.
+Sums = dict[str, Any]
+# The weights and batch statistics a model is evaluated with: ``{"params", "model_state"}``.
+Variables = dict[str, PyTree]
+
+
+def zero_sums() -> Sums:
+    """Sums of no steps; NumPy scalars, so the host puts them where they belong."""
+    return {"loss": np.float32(0), "correct": np.int32(0), "count": np.int32(0)}
+
+
+def sums_to_json(sums: Sums) -> dict[str, float | int]:
+    """Host sums as JSON numbers (float32 -> Python float -> float32 is exact, so a resumed run
+    logs the same numbers)."""
+    return {"loss": float(sums["loss"]), "correct": int(sums["correct"]), "count": int(sums["count"])}
+
+
+def sums_from_json(values: dict[str, float | int]) -> Sums:
+    """The sums :func:`sums_to_json` wrote, with their dtypes."""
     return {
-        "loss": jnp.zeros((), jnp.float32),
-        "correct": jnp.zeros((), jnp.int32),
-        "count": jnp.zeros((), jnp.int32),
+        "loss": np.float32(values["loss"]),
+        "correct": np.int32(values["correct"]),
+        "count": np.int32(values["count"]),
     }
+
+
+def eval_variable_names(ema_decay: float) -> tuple[str, str]:
+    """The fields of a :class:`TrainState` (and of a checkpoint) that hold the weights and
+    batch statistics to evaluate: their moving averages when the run keeps them."""
+    return ("ema_params", "ema_model_state") if ema_decay else ("params", "model_state")
+
+
+def eval_variables(state: TrainState, ema_decay: float) -> Variables:
+    """The weights and batch statistics of ``state`` to evaluate (see :func:`eval_variable_names`)."""
+    params, model_state = eval_variable_names(ema_decay)
+    return {"params": getattr(state, params), "model_state": getattr(state, model_state)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +223,7 @@ def train_chunk(
     order: jax.Array,
     images: jax.Array,
     labels: jax.Array,
+    *,
     settings: StepSettings,
     num_steps: int,
     batch_size: int,
@@ -258,14 +290,13 @@ def forward(
     return model(x, train=False).astype(jnp.float32)
 
 
-def predict_batch(
-    params: PyTree, model_state: PyTree, images: jax.Array, settings: StepSettings
-) -> jax.Array:
-    """:func:`forward` with the settings of a training run."""
+def apply_variables(variables: Variables, images: jax.Array, settings: StepSettings) -> jax.Array:
+    """Logits float32 ``[N, C]`` of the images ``[N, 28, 28]``: :func:`forward` with the
+    settings of a training run."""
     return forward(
         settings.graphdef,
-        params,
-        model_state,
+        variables["params"],
+        variables["model_state"],
         images,
         mean=settings.mean,
         std=settings.std,

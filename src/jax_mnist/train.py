@@ -33,6 +33,7 @@ from jax_mnist.config import Config
 from jax_mnist.data import Arrays, load_dataset
 from jax_mnist.data.datasets import DATASETS, DatasetInfo, split_validation
 from jax_mnist.errors import UserError, write_failure
+from jax_mnist.inference import make_batched_predict
 from jax_mnist.logs import RunLogger
 from jax_mnist.metrics import classification_metrics
 from jax_mnist.models import compute_dtype, fastconv, model_from_config
@@ -45,10 +46,11 @@ from jax_mnist.parallel import (
     replicate,
     to_host,
 )
-from jax_mnist.plan import plan_chunks
+from jax_mnist.plan import Chunk, plan_chunks
 from jax_mnist.resume import resolve_run
 from jax_mnist.rundir import TRAIN_HOLDER, TRAIN_LOCK, DirectoryLock, write_atomically
 from jax_mnist.signals import StopSignals
+from jax_mnist.steps import Sums, Variables
 
 
 class TrainingInterrupted(UserError):
@@ -128,13 +130,6 @@ def abstract_train_state(setup: Setup) -> Any:
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
-def eval_variables(state: steps.TrainState) -> tuple[Any, Any]:
-    """The weights and batch statistics to evaluate: their moving averages when kept."""
-    if state.ema_params:
-        return state.ema_params, state.ema_model_state
-    return state.params, state.model_state
-
-
 def make_train_chunk_fn(setup: Setup, batch_size: int, steps_per_epoch: int):
     """The jitted, donating ``steps.train_chunk``:
     ``(state, order, images, labels, *, num_steps) -> (state, sums)``.
@@ -152,45 +147,22 @@ def make_train_chunk_fn(setup: Setup, batch_size: int, steps_per_epoch: int):
     )
 
 
-def make_predict_fn(setup: Setup):
-    """A function ``(params, model_state, images [N, 28, 28]) -> logits`` float32 ``[N, C]``
-    (NumPy).
-
-    The images are cut into batches of ``eval_batch_size`` on the host, the last one padded,
-    and each batch is copied to the devices and goes through one jitted forward pass: one
-    compilation serves every split (validation and test alike), and slicing and padding
-    compile nothing. A Python loop rather than ``lax.map`` for the same reason as in
-    ``steps.train_chunk``.
-    """
-    # Rounded up to a multiple of the devices: each device runs its shard of every batch.
-    num_devices = setup.mesh.devices.size
-    batch_size = -(-setup.config.eval_batch_size // num_devices) * num_devices
-
-    def forward_batch(params, model_state, images):
-        images = jax.lax.with_sharding_constraint(images, setup.settings.batch_sharding)
-        return steps.predict_batch(params, model_state, images, setup.settings)
-
-    forward = jax.jit(forward_batch, out_shardings=replicate(setup.mesh))
-
-    def predict(params, model_state, images):
-        images = to_host(images)
-        n = images.shape[0]
-        padded = np.pad(images, [(0, -n % batch_size)] + [(0, 0)] * (images.ndim - 1))
-        logits = [
-            forward(params, model_state, put_replicated(padded[i : i + batch_size], setup.mesh))
-            for i in range(0, padded.shape[0], batch_size)
-        ]
-        return np.concatenate(to_host(logits))[:n]
-
-    return predict
+def make_predict_fn(setup: Setup) -> Callable[[Variables, np.ndarray], np.ndarray]:
+    """``(variables, images [N, 28, 28]) -> logits`` float32 ``[N, C]`` (NumPy): the run's
+    model through :func:`~jax_mnist.inference.make_batched_predict`, sharded over its mesh in
+    batches of ``eval_batch_size``."""
+    predict = make_batched_predict(
+        functools.partial(steps.apply_variables, settings=setup.settings), setup.mesh, setup.info.num_classes
+    )
+    return functools.partial(predict, batch_size=setup.config.eval_batch_size)
 
 
 def evaluate_arrays(
-    predict_fn, state: steps.TrainState, images: np.ndarray, labels: np.ndarray, num_classes: int
+    predict_fn, state: steps.TrainState, images: np.ndarray, labels: np.ndarray, config: Config
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Metrics and logits ``[N, C]`` of ``state``'s evaluation weights on a dataset split."""
-    logits = to_host(predict_fn(*eval_variables(state), images))
-    return classification_metrics(logits, labels, num_classes), logits
+    logits = predict_fn(steps.eval_variables(state, config.ema_decay), images)
+    return classification_metrics(logits, labels, DATASETS[config.dataset].num_classes), logits
 
 
 def prepare_jax(config: Config) -> None:
@@ -243,9 +215,20 @@ def train_and_evaluate(
                 ) as logger,
                 Checkpoints(workdir, config.keep) as checkpoints,
             ):
-                return _train(
-                    config, arrays, workdir, mesh, logger, checkpoints, main, t_start, evaluate_test, on_epoch
-                )
+                run = _start_run(config, arrays, workdir, mesh, logger=logger, checkpoints=checkpoints)
+                state, progress = _restore_or_create_state(run)
+                state = _train_loop(run, state, progress, on_epoch)
+                test = _evaluate_test(run, state, arrays) if evaluate_test else {}
+                final = {
+                    "step": progress.step,
+                    "test_loss": test.get("loss"),
+                    "test_accuracy": test.get("accuracy"),
+                    "best_val_accuracy": progress.best_val_accuracy,
+                    "wall_time_s": time.perf_counter() - t_start,
+                }
+                if evaluate_test:
+                    logger.log_test(final)
+                return final
         except Exception as e:
             failure = write_failure(e)
             if failure is None:
@@ -253,239 +236,261 @@ def train_and_evaluate(
             raise write_error(workdir, *failure) from None
 
 
-def _train(
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What the loop works with, fixed for the whole run: settings, files, data, functions."""
+
+    config: Config
+    workdir: Path
+    setup: Setup
+    logger: RunLogger
+    checkpoints: Checkpoints
+    main: bool  # process 0, which writes the files
+    steps_per_epoch: int
+    total_steps: int
+    train_data: tuple[jax.Array, jax.Array]  # images [N, 28, 28] uint8, labels [N] int32; replicated
+    val_data: tuple[np.ndarray, np.ndarray]  # on the host: evaluation copies them batch by batch
+    train_chunk: Callable[..., tuple[steps.TrainState, Sums]]
+    epoch_order: Callable[[jax.Array, int], jax.Array]
+    predict: Callable[[Variables, np.ndarray], np.ndarray]
+
+
+@dataclasses.dataclass
+class _Progress:
+    """The loop's bookkeeping between chunks: where it is, and what the epoch has cost."""
+
+    step: int
+    best_val_accuracy: float | None
+    log_sums: Sums  # on the devices: sums of the steps since the last log line
+    epoch_order: jax.Array | None = None  # this epoch's permutation of the training set
+    epoch_train_time: float = 0.0  # seconds this process spent in the epoch's chunks
+    epoch_first_position: int | None = None  # the step of the epoch this process began at
+
+
+def _start_run(
     config: Config,
     arrays: Arrays,
     workdir: Path,
     mesh: jax.sharding.Mesh,
+    *,
     logger: RunLogger,
     checkpoints: Checkpoints,
-    main: bool,
-    t_start: float,
-    evaluate_test: bool = True,
-    on_epoch: Callable[[dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
-    # -- data: host arrays, then the training and validation split
-    info = DATASETS[config.dataset]
+) -> _Run:
+    """Splits the data, builds the model and compiles nothing yet: the run's fixed parts."""
     train_x, train_y, val_x, val_y = split_validation(
         arrays.train_images, arrays.train_labels, config.val_size, config.validation_seed
     )
     if config.train_size:
         train_x, train_y = train_x[: config.train_size], train_y[: config.train_size]
     steps_per_epoch = len(train_x) // config.batch_size
-    total_steps = config.total_steps(steps_per_epoch)
-
-    # -- model, optimizer, state; resume from the latest checkpoint when there is one
     setup = create_setup(config, steps_per_epoch, mesh)
-    restored = checkpoints.restore(abstract_train_state(setup), warn=logger.print)
+    return _Run(
+        config=config,
+        workdir=workdir,
+        setup=setup,
+        logger=logger,
+        checkpoints=checkpoints,
+        main=is_main_process(),
+        steps_per_epoch=steps_per_epoch,
+        total_steps=config.total_steps(steps_per_epoch),
+        # The training set goes to the device once, replicated; each device slices its batches.
+        train_data=put_replicated((train_x, train_y.astype(np.int32)), mesh),
+        val_data=(val_x, val_y),
+        train_chunk=make_train_chunk_fn(setup, config.batch_size, steps_per_epoch),
+        epoch_order=jax.jit(
+            functools.partial(steps.epoch_order, num_examples=len(train_x)), out_shardings=replicate(mesh)
+        ),
+        predict=make_predict_fn(setup),
+    )
+
+
+def _restore_or_create_state(run: _Run) -> tuple[steps.TrainState, _Progress]:
+    """The latest checkpoint's state and bookkeeping when there is one, else a fresh start;
+    writes the run's ``config.json``."""
+    restored = run.checkpoints.restore(abstract_train_state(run.setup), warn=run.logger.print)
     meta: dict[str, Any] = {}
     if restored is None:
-        state = create_train_state(setup)
+        state = create_train_state(run.setup)
     else:
         state, meta = restored
-        logger.print(f"Resuming from step {meta['step']} (epoch {meta['epoch']}) in {workdir}")
-    start_step = int(to_host(state.step))
-    logger.truncate_after(start_step)
-    if main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        write_atomically(workdir / "config.json", config.to_json() + "\n")
+        run.logger.print(f"Resuming from step {meta['step']} (epoch {meta['epoch']}) in {run.workdir}")
+    step = int(to_host(state.step))
+    run.logger.truncate_after(step)
+    if run.main:
+        run.workdir.mkdir(parents=True, exist_ok=True)
+        write_atomically(run.workdir / "config.json", run.config.to_json() + "\n")
+    # A checkpoint between two log points keeps the sums of the steps since the first.
+    log_sums = steps.sums_from_json(meta["log_sums"]) if meta.get("log_sums") else steps.zero_sums()
+    progress = _Progress(step, meta.get("best_val_accuracy"), put_replicated(log_sums, run.setup.mesh))
+    return state, progress
 
-    # -- the dataset goes to the device once, replicated; each device slices its own batches
-    on_device = functools.partial(put_replicated, mesh=setup.mesh)
-    train_images, train_labels = on_device(train_x), on_device(train_y.astype(np.int32))
-    # Evaluation batches go to the device one at a time (see make_predict_fn).
-    val_images = val_x
 
-    train_chunk = make_train_chunk_fn(setup, config.batch_size, steps_per_epoch)
-    order_fn = jax.jit(
-        functools.partial(steps.epoch_order, num_examples=len(train_x)), out_shardings=replicate(setup.mesh)
-    )
-    predict_fn = make_predict_fn(setup)
-
-    best_val_accuracy = meta.get("best_val_accuracy")
-    # Sums of the steps since the last log point; a checkpoint between log points keeps them.
-    log_sums = on_device(_sums_from_json(meta.get("log_sums") or _ZERO_SUMS))
-    step, epoch_order, epoch_t0 = start_step, None, None
+def _train_loop(
+    run: _Run,
+    state: steps.TrainState,
+    progress: _Progress,
+    on_epoch: Callable[[dict[str, Any]], None] | None,
+) -> steps.TrainState:
+    """Runs the planned chunks from ``progress.step`` to the end of training; between chunks,
+    logs, evaluates at epoch ends, saves checkpoints and stops on a signal."""
+    config = run.config
     chunks = plan_chunks(
-        start_step,
-        total_steps,
-        steps_per_epoch,
+        progress.step,
+        run.total_steps,
+        run.steps_per_epoch,
         log_every=config.log_every,
         checkpoint_every=config.checkpoint_every,
         checkpoint_every_steps=config.checkpoint_every_steps,
     )
-    with StopSignals(f"jax-mnist train --workdir {workdir} --resume") as stop:
+    with StopSignals(f"jax-mnist train --workdir {run.workdir} --resume") as stop:
         for chunk in chunks:
-            position = chunk.start - chunk.epoch * steps_per_epoch
-            # The last epoch is shorter when the run ends part way through it.
-            epoch_steps = min(steps_per_epoch, total_steps - chunk.epoch * steps_per_epoch)
-            if epoch_order is None or position == 0:
-                epoch_order = order_fn(state.data_key, chunk.epoch)
-            if position == 0:
-                state = state.replace(epoch_sums=on_device(_sums_from_json(_ZERO_SUMS)))
-            if epoch_t0 is None or position == 0:
-                epoch_t0, epoch_train_time, epoch_start_position = time.perf_counter(), 0.0, position
-                logger.start_epoch(
-                    chunk.epoch + 1,
-                    epochs=config.epochs,
-                    steps=epoch_steps,
-                    done=position,
-                    batch_size=config.batch_size,
-                )
-
+            state = _begin_chunk(run, state, progress, chunk)
             t0 = time.perf_counter()
-            state, log_sums = run_steps(
-                train_chunk,
+            state, progress.log_sums = run_steps(
+                run.train_chunk,
                 state,
                 chunk.num_steps,
                 config.steps_per_call,
-                epoch_order,
-                train_images,
-                train_labels,
-                sums=log_sums,
+                progress.epoch_order,
+                *run.train_data,
+                sums=progress.log_sums,
             )
-            jax.block_until_ready(log_sums)  # waits for the chunk: the only sync inside an epoch
-            epoch_train_time += time.perf_counter() - t0
-            step = chunk.end
+            jax.block_until_ready(progress.log_sums)  # waits for the chunk: the only sync inside an epoch
+            progress.epoch_train_time += time.perf_counter() - t0
+            progress.step = chunk.end
             if chunk.log:
-                totals = to_host(log_sums)
-                logger.log_step(
-                    epoch=chunk.epoch + 1,
-                    step=step,
-                    loss=float(totals["loss"] / totals["count"]),
-                    accuracy=float(totals["correct"] / totals["count"]),
-                )
-                log_sums = on_device(_sums_from_json(_ZERO_SUMS))
-
-            record = None
-            if chunk.epoch_end:
-                record = _end_of_epoch(
-                    state,
-                    chunk.epoch + 1,
-                    step,
-                    setup,
-                    predict_fn,
-                    val_images,
-                    val_y,
-                    epoch_train_time,
-                    (epoch_steps - epoch_start_position) * config.batch_size,
-                )
-                if record.get("val_accuracy") is not None:
-                    best_val_accuracy = max(best_val_accuracy or 0.0, record["val_accuracy"])
-                    record["best_val_accuracy"] = best_val_accuracy
-                logger.log_epoch(record)
-
+                _log_step(run, progress, epoch=chunk.epoch + 1)
+            record = _end_of_epoch(run, state, progress, epoch=chunk.epoch + 1) if chunk.epoch_end else None
             # One reading of the signal decides both the save and the stop: a signal that lands
             # in between waits for the next chunk instead of stopping without a checkpoint.
             signum = agree_on_signal(stop.check())  # all processes stop at the same step
             if signum is not None:
                 stop.acknowledge()  # stopping: the save below takes what it takes
             if chunk.checkpoint or signum is not None:
-                meta = {
-                    "step": step,
-                    "epoch": step / steps_per_epoch,
-                    "steps_per_epoch": steps_per_epoch,
-                    "best_val_accuracy": best_val_accuracy,
-                    "log_sums": None if chunk.log else _sums_to_json(to_host(log_sums)),
-                }
-                if record:
-                    meta.update({k: v for k, v in record.items() if k.startswith(("val_", "train_"))})
-                checkpoints.save(
-                    state, meta, config, val_accuracy=record.get("val_accuracy") if record else None
-                )
+                _save(run, state, progress, record, logged=chunk.log)
             if signum is not None:
-                name = signal.Signals(signum).name
-                raise TrainingInterrupted(
-                    f"{name} at step {step} (epoch {step / steps_per_epoch:.2f}); saved a checkpoint "
-                    f"in {checkpoints.root}. Resume with: jax-mnist train --workdir {workdir} --resume",
-                    signum,
-                )
+                raise _interrupted(run, progress.step, signum)
             if record is not None and on_epoch is not None:
                 on_epoch(record)
+    return state
 
-    if not evaluate_test:
-        return {
-            "step": step,
-            "test_loss": None,
-            "test_accuracy": None,
-            "best_val_accuracy": best_val_accuracy,
-            "wall_time_s": time.perf_counter() - t_start,
-        }
-    # -- the test set, once, at the end
-    test_metrics, test_logits = evaluate_arrays(
-        predict_fn, state, arrays.test_images, arrays.test_labels, info.num_classes
+
+def _begin_chunk(run: _Run, state: steps.TrainState, progress: _Progress, chunk: Chunk) -> steps.TrainState:
+    """At an epoch's first chunk (or the first after a resume): its data order, zeroed epoch
+    sums, its clock and its progress line."""
+    position = chunk.start - chunk.epoch * run.steps_per_epoch
+    if progress.epoch_order is None or position == 0:
+        progress.epoch_order = run.epoch_order(state.data_key, chunk.epoch)
+    if position == 0:
+        state = state.replace(epoch_sums=put_replicated(steps.zero_sums(), run.setup.mesh))
+    if progress.epoch_first_position is None or position == 0:
+        progress.epoch_train_time, progress.epoch_first_position = 0.0, position
+        run.logger.start_epoch(
+            chunk.epoch + 1,
+            epochs=run.config.epochs,
+            steps=_epoch_steps(run, chunk.epoch),
+            done=position,
+            batch_size=run.config.batch_size,
+        )
+    return state
+
+
+def _epoch_steps(run: _Run, epoch: int) -> int:
+    """Steps in ``epoch`` (0-based): the last is shorter when the run ends part way through it."""
+    return min(run.steps_per_epoch, run.total_steps - epoch * run.steps_per_epoch)
+
+
+def _log_step(run: _Run, progress: _Progress, *, epoch: int) -> None:
+    totals = to_host(progress.log_sums)
+    run.logger.log_step(
+        epoch=epoch,
+        step=progress.step,
+        loss=float(totals["loss"] / totals["count"]),
+        accuracy=float(totals["correct"] / totals["count"]),
     )
-    if main:
-        # For reports: the test predictions, as plain arrays (np.load reads them without pickle).
-        tmp = workdir / ".test_predictions.npz.tmp"  # replaced whole, as every file of a run
-        with tmp.open("wb") as f:
-            np.savez(f, logits=test_logits, labels=arrays.test_labels)
-        os.replace(tmp, workdir / "test_predictions.npz")
-    final = {
-        "step": step,
-        "test_loss": test_metrics["loss"],
-        "test_accuracy": test_metrics["accuracy"],
-        "best_val_accuracy": best_val_accuracy,
-        "wall_time_s": time.perf_counter() - t_start,
-    }
-    logger.log_test(final)
-    return final
+    progress.log_sums = put_replicated(steps.zero_sums(), run.setup.mesh)
 
 
-_ZERO_SUMS = {"loss": 0.0, "correct": 0, "count": 0}
-
-
-def _sums_to_json(sums: dict[str, np.ndarray]) -> dict[str, float | int]:
-    # float32 -> Python float -> float32 is exact, so a resumed run logs the same numbers.
-    return {"loss": float(sums["loss"]), "correct": int(sums["correct"]), "count": int(sums["count"])}
-
-
-def _sums_from_json(values: dict[str, float | int]) -> dict[str, np.ndarray]:
-    return {
-        "loss": np.float32(values["loss"]),
-        "correct": np.int32(values["correct"]),
-        "count": np.int32(values["count"]),
-    }
-
-
-def run_steps(train_chunk, state, num_steps: int, steps_per_call: int, *data, sums=None):
-    """Runs ``num_steps`` training steps as jitted calls of ``steps_per_call`` steps each.
-
-    Args:
-      train_chunk: the jitted chunk from :func:`make_train_chunk_fn`.
-      state: the training state; donated to the first call.
-      num_steps: steps to run; a remainder below ``steps_per_call`` runs as single steps.
-      data: the device-resident training arrays the chunk slices its batches from.
-      sums: running sums to add the steps' to (on the devices, like the state); zeros when
-        None.
-
-    Returns:
-      ``(state, sums)``: the new state and ``sums`` plus the steps' summed ``loss``,
-      ``correct`` and ``count``. Nothing here waits on the device: JAX queues the calls and
-      this returns at once.
-    """
-    if sums is None:
-        sums = _sums_from_json(_ZERO_SUMS)
-    while num_steps > 0:
-        n = steps_per_call if num_steps >= steps_per_call else 1
-        state, sums = train_chunk(state, *data, sums=sums, num_steps=n)
-        num_steps -= n
-    return state, sums
-
-
-def _end_of_epoch(
-    state, epoch, step, setup, predict_fn, val_images, val_labels, train_time, images_trained
-) -> dict[str, Any]:
+def _end_of_epoch(run: _Run, state: steps.TrainState, progress: _Progress, *, epoch: int) -> dict[str, Any]:
+    """The epoch's record (training and validation metrics, speed), logged."""
     sums = to_host(state.epoch_sums)
-    record = {
+    images_trained = (
+        _epoch_steps(run, epoch - 1) - (progress.epoch_first_position or 0)
+    ) * run.config.batch_size
+    train_time = progress.epoch_train_time
+    record: dict[str, Any] = {
         "epoch": epoch,
-        "step": step,
+        "step": progress.step,
         "train_loss": float(sums["loss"] / sums["count"]),
         "train_accuracy": float(sums["correct"] / sums["count"]),
         "epoch_time_s": train_time,
         "images_per_s": images_trained / max(train_time, 1e-9),
     }
+    val_images, val_labels = run.val_data
     if len(val_labels):
-        metrics, _ = evaluate_arrays(predict_fn, state, val_images, val_labels, setup.info.num_classes)
-        record.update(val_loss=metrics["loss"], val_accuracy=metrics["accuracy"])
+        metrics, _ = evaluate_arrays(run.predict, state, val_images, val_labels, run.config)
+        progress.best_val_accuracy = max(progress.best_val_accuracy or 0.0, metrics["accuracy"])
+        record.update(
+            val_loss=metrics["loss"],
+            val_accuracy=metrics["accuracy"],
+            best_val_accuracy=progress.best_val_accuracy,
+        )
+    run.logger.log_epoch(record)
     return record
+
+
+def _save(
+    run: _Run, state: steps.TrainState, progress: _Progress, record: dict[str, Any] | None, *, logged: bool
+) -> None:
+    """Saves a checkpoint with what a resume needs: the step, the best validation accuracy,
+    and the sums of the steps since the last log line (none right after one)."""
+    meta = {
+        "step": progress.step,
+        "epoch": progress.step / run.steps_per_epoch,
+        "steps_per_epoch": run.steps_per_epoch,
+        "best_val_accuracy": progress.best_val_accuracy,
+        "log_sums": None if logged else steps.sums_to_json(to_host(progress.log_sums)),
+    }
+    if record:
+        meta.update({k: v for k, v in record.items() if k.startswith(("val_", "train_"))})
+    val_accuracy = record.get("val_accuracy") if record else None
+    run.checkpoints.save(state, meta, run.config, val_accuracy=val_accuracy)
+
+
+def _interrupted(run: _Run, step: int, signum: int) -> TrainingInterrupted:
+    name = signal.Signals(signum).name
+    return TrainingInterrupted(
+        f"{name} at step {step} (epoch {step / run.steps_per_epoch:.2f}); saved a checkpoint "
+        f"in {run.checkpoints.root}. Resume with: jax-mnist train --workdir {run.workdir} --resume",
+        signum,
+    )
+
+
+def _evaluate_test(run: _Run, state: steps.TrainState, arrays: Arrays) -> dict[str, Any]:
+    """Test metrics, once, at the end; process 0 keeps the predictions for reports."""
+    images, labels = arrays.test_split()
+    metrics, logits = evaluate_arrays(run.predict, state, images, labels, run.config)
+    if run.main:
+        # Plain arrays (np.load reads them without pickle), replaced whole as every file of a run.
+        tmp = run.workdir / ".test_predictions.npz.tmp"
+        with tmp.open("wb") as f:
+            np.savez(f, logits=logits, labels=labels)
+        os.replace(tmp, run.workdir / "test_predictions.npz")
+    return metrics
+
+
+def run_steps(train_chunk, state, num_steps: int, steps_per_call: int, *data, sums=None):
+    """Runs ``num_steps`` training steps as jitted calls of ``steps_per_call`` steps each (a
+    remainder as single steps) of ``train_chunk`` (:func:`make_train_chunk_fn`) on ``data``,
+    the device-resident training arrays. ``state`` is donated; ``sums`` (zeros when None) are
+    running sums to add the steps' ``loss``, ``correct`` and ``count`` to.
+
+    Returns ``(state, sums)`` without waiting: JAX queues the calls and this returns at once.
+    """
+    if sums is None:
+        sums = steps.zero_sums()
+    while num_steps > 0:
+        n = steps_per_call if num_steps >= steps_per_call else 1
+        state, sums = train_chunk(state, *data, sums=sums, num_steps=n)
+        num_steps -= n
+    return state, sums

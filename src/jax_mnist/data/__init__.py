@@ -47,7 +47,7 @@ def load_mnist() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     train images ``[60000, 28, 28]`` and labels ``[60000]``, test images ``[10000, 28, 28]``
     and labels ``[10000]``. Pixels are 0 to 255 and labels 0 to 9."""
     arrays = load_from_dir(DATASETS["mnist"], bundled_dir(), test=True)
-    return arrays.train_images, arrays.train_labels, arrays.test_images, arrays.test_labels
+    return arrays.train_images, arrays.train_labels, *arrays.test_split()
 
 
 __all__ = ["DATASETS", "Arrays", "DatasetInfo", "load_dataset", "load_mnist"]

@@ -263,6 +263,12 @@ class Arrays:
     test_images: np.ndarray | None = None
     test_labels: np.ndarray | None = None
 
+    def test_split(self) -> tuple[np.ndarray, np.ndarray]:
+        """The test images and labels, which must have been loaded."""
+        if self.test_images is None or self.test_labels is None:
+            raise ValueError("the test set was not loaded (load_dataset(..., test=False))")
+        return self.test_images, self.test_labels
+
 
 def bundled_dir() -> Path:
     """The folder inside the installed package that holds the bundled MNIST files."""

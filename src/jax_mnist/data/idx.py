@@ -18,7 +18,7 @@ import numpy as np
 from jax_mnist.errors import DataError
 
 # IDX dtype codes; MNIST uses only 0x08 (uint8), the rest are part of the format.
-_IDX_DTYPES = {
+_IDX_DTYPES: dict[int, np.dtype] = {
     0x08: np.dtype(np.uint8),
     0x09: np.dtype(np.int8),
     0x0B: np.dtype(">i2"),

@@ -206,7 +206,8 @@ class MicroBatcher:
 
     def _take(self) -> list[_Waiting]:
         """Takes waiting requests off the queue, oldest first, up to ``max_batch`` images."""
-        batch, size = [], 0
+        batch: list[_Waiting] = []
+        size = 0
         while self._waiting:
             item = self._waiting[0]
             if batch and size + len(item.images) > self.max_batch:
