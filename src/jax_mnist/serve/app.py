@@ -50,6 +50,7 @@ from jax_mnist.serve.requests import (
     small_image,
 )
 from jax_mnist.serve.schema import MAX_IMAGES, PREDICT_BODY, PREDICT_RESPONSES, RETRY, Status
+from jax_mnist.serve.settings import ServeSettings
 
 STATIC = resources.files("jax_mnist.serve") / "static"
 MAX_BODY_BYTES = 10 * 1024 * 1024
@@ -121,13 +122,9 @@ def warm_up_sizes(max_batch: int) -> list[int]:
 
 def create_app(
     model: ServedModel,
+    settings: ServeSettings | None = None,
     *,
-    max_batch: int = 64,
-    max_wait: float = 0.005,
     max_body: int = MAX_BODY_BYTES,
-    max_queue: int = 256,
-    request_timeout: float | None = 10.0,
-    metrics: bool = True,
     engine: str | None = None,
     on_warm_up: Callable[[float, str | None], None] | None = None,
 ) -> FastAPI:
@@ -135,18 +132,20 @@ def create_app(
 
     Args:
       model: an already restored model (see :class:`ServedModel`).
-      max_batch: at most this many images per model call; 1 turns batching off.
-      max_wait: seconds a batch waits for requests on their way after its first one arrived.
+      settings: the batching (``max_batch`` images per model call, 1: no batching; a batch
+        waits ``max_wait_ms`` for requests on their way after its first), the limits
+        (``max_queue`` prediction requests in the app at once, from before their body is read
+        to their answer, the next answered 503 with ``Retry-After``, 0: no bound;
+        ``request_timeout`` seconds to answer one, 504 after, 0: no limit) and ``metrics``
+        (``GET /metrics`` and counting for it); default: :class:`ServeSettings`'s defaults.
       max_body: request bodies larger than this many bytes are refused with 413.
-      max_queue: at most this many prediction requests in the app at once (from before their
-        body is read to their answer); the next is answered 503 with ``Retry-After``. 0: no bound.
-      request_timeout: seconds a prediction request has to be answered (504 after); None or 0:
-        no limit.
-      metrics: serve ``GET /metrics`` and count for it; False: neither.
       engine: what runs the model, in words (``/api/model`` reports it).
       on_warm_up: called with the warm-up's seconds and None, or its error in one line, when
         the warm-up ends (``serve`` prints the first and stops the server on the second).
     """
+    settings = settings or ServeSettings()
+    max_batch, max_wait, max_queue = settings.max_batch, settings.max_wait, settings.max_queue
+    request_timeout, metrics = settings.request_timeout, settings.metrics
     class_names = list(model.class_names)
     description = {**model.describe(), "engine": engine}
     state = ServingState()
