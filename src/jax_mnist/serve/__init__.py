@@ -20,7 +20,7 @@ from jax_mnist.errors import ConfigError, UserError
 from jax_mnist.serve.settings import ENGINES, ServeSettings
 
 if TYPE_CHECKING:
-    from jax_mnist.serve.app import ServedModel
+    from jax_mnist.serve.state import ServedModel
 
 __all__ = ["ENGINES", "ServeSettings", "choose_engine", "load_served_model", "serve"]
 EXTRA_HINT = "pip install 'jax-mnist[serve]'"
