@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     from jax_mnist.config import Config
     from jax_mnist.data import load_dataset
     from jax_mnist.models import abstract_model, flops_per_image
-    from jax_mnist.parallel import replicate, to_host
+    from jax_mnist.parallel import replicate
 
     m = common.machine()
     flops = flops_per_image(abstract_model("cnn"))  # as XLA counts them, and `jax-mnist models`

@@ -117,3 +117,37 @@ def test_tune_sampler_and_pruner_choices_are_those_tune_knows():
             assert (args.sampler, args.pruner) == (sampler, pruner)
     with pytest.raises(SystemExit):
         parser.parse_args(["tune", "--study", "s", "--trials", "1", "--sampler", "grid"])
+
+
+def test_serve_flags_come_from_serve_settings_which_checks_them(capsys):
+    from jax_mnist.cli import build_parser
+    from jax_mnist.commands.common import option_fields
+    from jax_mnist.commands.serve import settings_from_args
+    from jax_mnist.config import flag_name
+    from jax_mnist.errors import ConfigError
+    from jax_mnist.serve.settings import ServeSettings
+
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for field in option_fields(ServeSettings):
+        assert flag_name(field.name) in help_text and field.metadata["help"][:20] in help_text, field.name
+    assert settings_from_args(parser.parse_args(["serve", "run"])) == ServeSettings()
+    given = parser.parse_args(["serve", "run", "--max-batch", "8", "--no-metrics", "--checkpoint", "3"])
+    assert settings_from_args(given) == ServeSettings(max_batch=8, metrics=False, checkpoint=3)
+    for changes, line in (
+        ({"max_batch": 0}, "--max-batch: must be at least 1, got 0"),
+        ({"max_wait_ms": 1001.0}, "--max-wait-ms: must be between 0 and 1000, got 1001.0"),
+        ({"max_queue": -1}, "--max-queue: must be at least 0 (0: no bound), got -1"),
+        (
+            {"request_timeout": float("nan")},
+            "--request-timeout: must be between 0 (no limit) and 3600, got nan",
+        ),
+        ({"drain_timeout": -5.0}, "--drain-timeout: must be between 0 and 3600, got -5.0"),
+        ({"engine": "tpu"}, "--engine: must be one of auto, jax, onnx; got 'tpu'"),
+    ):
+        with pytest.raises(ConfigError) as error:
+            ServeSettings(**changes).validate()
+        assert str(error.value) == line
+    assert ServeSettings(max_queue=0, request_timeout=0.0, max_wait_ms=0.0).validate()

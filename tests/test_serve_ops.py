@@ -167,9 +167,10 @@ def test_until_the_warm_up_batches_are_answered_readyz_and_predict_are_503_and_h
     from fastapi.testclient import TestClient
 
     from jax_mnist.serve.app import create_app
+    from jax_mnist.serve.settings import ServeSettings
 
     model = FakeModel()
-    with TestClient(create_app(model, max_batch=8)) as client:
+    with TestClient(create_app(model, ServeSettings(max_batch=8))) as client:
         assert client.get("/healthz").json() == {"status": "ok"}
         ready = client.get("/readyz")
         assert ready.status_code == 503 and ready.json() == {"status": "warming up"}
@@ -188,10 +189,11 @@ def test_a_model_that_fails_its_warm_up_is_never_ready():
     from fastapi.testclient import TestClient
 
     from jax_mnist.serve.app import create_app
+    from jax_mnist.serve.settings import ServeSettings
 
     model = FakeModel(logits=float("nan"))
     model.release.set()
-    with TestClient(create_app(model, max_batch=4)) as client:
+    with TestClient(create_app(model, ServeSettings(max_batch=4))) as client:
         wait_until(lambda: client.get("/readyz").json()["status"] != "warming up", "the warm-up ends")
         ready = client.get("/readyz")
         assert ready.status_code == 503 and ready.json()["status"] == "failed"
@@ -203,10 +205,11 @@ def test_readyz_says_draining_once_shutdown_begins():
     from fastapi.testclient import TestClient
 
     from jax_mnist.serve.app import create_app
+    from jax_mnist.serve.settings import ServeSettings
 
     model = FakeModel()
     model.release.set()
-    app = create_app(model, max_batch=2)
+    app = create_app(model, ServeSettings(max_batch=2))
     with TestClient(app) as client:
         wait_until(lambda: client.get("/readyz").status_code == 200, "ready")
         app.state.serving.begin_drain(5.0)  # what SIGTERM does

@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from jax_mnist.errors import ConfigError, UserError
+from jax_mnist.serve.settings import ENGINES, ServeSettings
 
 if TYPE_CHECKING:
-    from jax_mnist.serve.app import ServedModel
+    from jax_mnist.serve.state import ServedModel
 
+__all__ = ["ENGINES", "ServeSettings", "choose_engine", "load_served_model", "serve"]
 EXTRA_HINT = "pip install 'jax-mnist[serve]'"
-ENGINES = ("auto", "jax", "onnx")
 
 
 def check_serve_extra(*, metrics: bool = False) -> None:
@@ -115,43 +116,20 @@ def load_served_model(
     return model, f"{runtime} (the exported file's format)"
 
 
-def serve(
-    path: str | Path,
-    *,
-    which: str | int | None = None,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    max_batch: int = 64,
-    max_wait_ms: float = 5.0,
-    engine: str = "auto",
-    max_queue: int = 256,
-    request_timeout: float = 10.0,
-    drain_timeout: float = 15.0,
-    metrics: bool = True,
-    warn=print,
-) -> None:
-    """Serves the model at ``path`` on ``host:port`` until SIGTERM or SIGINT (Ctrl-C).
+def serve(path: str | Path, settings: ServeSettings | None = None, *, warn=print) -> None:
+    """Serves the model at ``path`` as ``settings`` say, until SIGTERM or SIGINT (Ctrl-C).
 
-    ``engine`` (``auto``, ``jax``, ``onnx``) chooses what runs a run directory's model: see
-    :func:`choose_engine`. ``max_queue``, ``request_timeout`` and ``metrics`` are
-    :func:`~jax_mnist.serve.app.create_app`'s. On a signal the server stops accepting
-    connections, finishes the requests in flight for at most ``drain_timeout`` seconds (then
-    drops the rest) and returns; a second Ctrl-C stops it at once.
+    ``path`` is a run directory (its ``settings.checkpoint``) or an exported model file;
+    ``settings.engine`` chooses what runs a run directory's model (see :func:`choose_engine`);
+    the batching, limits and metrics are :func:`~jax_mnist.serve.app.create_app`'s. On a
+    signal the server stops accepting connections, finishes the requests in flight for at
+    most ``settings.drain_timeout`` seconds (then drops the rest) and returns; a second
+    Ctrl-C stops it at once.
     """
-    check_serve_extra(metrics=metrics)
-    _check_engine(engine)
-    if max_batch < 1:
-        raise ConfigError("--max-batch", f"must be at least 1, got {max_batch}")
-    if not 0 <= max_wait_ms <= 1000:
-        raise ConfigError("--max-wait-ms", f"must be between 0 and 1000, got {max_wait_ms}")
-    if max_queue < 0:
-        raise ConfigError("--max-queue", f"must be at least 0 (0: no bound), got {max_queue}")
-    if not 0 <= request_timeout <= 3600:  # NaN fails both
-        raise ConfigError(
-            "--request-timeout", f"must be between 0 (no limit) and 3600, got {request_timeout}"
-        )
-    if not 0 <= drain_timeout <= 3600:
-        raise ConfigError("--drain-timeout", f"must be between 0 and 3600, got {drain_timeout}")
+    settings = settings or ServeSettings()
+    check_serve_extra(metrics=settings.metrics)
+    settings.validate()
+    host, port = settings.host, settings.port
     import uvicorn
 
     from jax_mnist.serve.app import create_app, warm_up_sizes
@@ -164,7 +142,7 @@ def serve(
     except OSError as e:
         raise UserError(f"--host/--port: cannot listen on {host}:{port} ({e.strerror or e})") from None
     try:
-        model, engine_line = load_served_model(path, which, engine=engine, warn=warn)
+        model, engine_line = load_served_model(path, settings.checkpoint, engine=settings.engine, warn=warn)
     except BaseException:
         sock.close()
         raise
@@ -172,22 +150,13 @@ def serve(
 
     def on_warm_up(seconds: float, error: str | None) -> None:
         if error is None:
-            sizes = ", ".join(map(str, warm_up_sizes(max_batch)))
+            sizes = ", ".join(map(str, warm_up_sizes(settings.max_batch)))
             print(f"ready in {seconds:.1f} s (warm-up: a model call of each batch size {sizes})", flush=True)
         else:  # a model that cannot answer zeros will not answer requests: stop
             failure.append(error)
             server.should_exit = True
 
-    app = create_app(
-        model,
-        max_batch=max_batch,
-        max_wait=max_wait_ms / 1000,
-        max_queue=max_queue,
-        request_timeout=request_timeout,
-        metrics=metrics,
-        engine=engine_line,
-        on_warm_up=on_warm_up,
-    )
+    app = create_app(model, settings, engine=engine_line, on_warm_up=on_warm_up)
     info = model.describe()
     accuracy = info.get("test_accuracy")
     bound_port = sock.getsockname()[1]
@@ -209,9 +178,9 @@ def serve(
     gc.collect()
     gc.freeze()
     config = uvicorn.Config(
-        app, access_log=False, log_level="warning", timeout_graceful_shutdown=drain_timeout
+        app, access_log=False, log_level="warning", timeout_graceful_shutdown=settings.drain_timeout
     )
-    server = DrainingServer(config, app.state.serving, drain_timeout)
+    server = DrainingServer(config, app.state.serving, settings.drain_timeout)
     server.run(sockets=[sock])
     if failure:
         raise UserError(failure[0])

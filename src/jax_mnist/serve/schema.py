@@ -7,7 +7,7 @@ running server against that schema, so what is declared here is what the server 
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
 
@@ -95,7 +95,7 @@ def refusal(description: str, **extra) -> dict:
     return {"model": ErrorAnswer, "description": description, **extra}
 
 
-PREDICT_RESPONSES = {
+PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "model": PredictAnswer,
         "description": "one prediction per image, with the 28x28 image the model saw",

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 if TYPE_CHECKING:
-    from jax_mnist.serve.app import ServingState
+    from jax_mnist.serve.state import ServingState
 
 
 class DrainingServer(uvicorn.Server):
