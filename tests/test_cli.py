@@ -138,6 +138,7 @@ def test_serve_flags_come_from_serve_settings_which_checks_them(capsys):
     assert settings_from_args(given) == ServeSettings(max_batch=8, metrics=False, checkpoint=3)
     for changes, line in (
         ({"max_batch": 0}, "--max-batch: must be at least 1, got 0"),
+        ({"port": 70000}, "--port: must be between 0 (any free) and 65535, got 70000"),
         ({"max_wait_ms": 1001.0}, "--max-wait-ms: must be between 0 and 1000, got 1001.0"),
         ({"max_queue": -1}, "--max-queue: must be at least 0 (0: no bound), got -1"),
         (

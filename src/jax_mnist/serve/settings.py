@@ -35,7 +35,7 @@ class ServeSettings:
     """How ``jax-mnist serve`` serves a model. Defaults are the command's."""
 
     host: str = option("127.0.0.1", "address to listen on; 127.0.0.1: this machine only")
-    port: int = option(8000, "port to listen on; 0: any free")
+    port: int = option(8000, "port to listen on; 0: any free", min=0, max=65535, zero="any free")
     engine: str = option(
         "auto",
         "what runs a run directory's model: jax, onnx (ONNX Runtime, converted in memory; "
