@@ -25,11 +25,16 @@ if TYPE_CHECKING:
 @dataclasses.dataclass(frozen=True)
 class ModelEntry:
     """A model of :data:`MODELS`: its class (or ``"module:Class"``, imported when first built),
-    what ``jax-mnist models`` says of it, and keyword arguments fixed for this name."""
+    what ``jax-mnist models`` says of it, and keyword arguments fixed for this name.
+
+    ``fast_conv_gradients``: its ``nnx.Conv`` layers get the backend's convolution, whose
+    gradients XLA:CPU runs fast in loops (``backend.use_fast_conv_gradients``): the same
+    parameters, results equal to float32 rounding, so switching it changes a model's bits."""
 
     target: str | Callable[..., nnx.Module]
     description: str
     options: tuple[tuple[str, Any], ...] = ()
+    fast_conv_gradients: bool = False
 
     @property
     def constructor(self) -> Callable[..., nnx.Module]:
@@ -42,7 +47,9 @@ class ModelEntry:
 
 MODELS: dict[str, ModelEntry] = {
     "cnn": ModelEntry(
-        "jax_mnist.models.cnn:CNN", "the seed's CNN: 2 conv (32, 64) + avg-pool, dense 256, dropout"
+        "jax_mnist.models.cnn:CNN",
+        "the seed's CNN: 2 conv (32, 64) + avg-pool, dense 256, dropout",
+        fast_conv_gradients=True,
     ),
     "lenet5": ModelEntry(
         "jax_mnist.models.lenet:LeNet5", "LeNet-5 with ReLU and max-pool: conv 6, 16 (5x5), dense 120, 84"
@@ -58,11 +65,13 @@ MODELS: dict[str, ModelEntry] = {
     "smallcnn": ModelEntry(
         "jax_mnist.models.smallcnn:SmallCNN",
         "the speed runs' CNN: conv 24 (5x5), 32 (3x3) + max-pool, dense 256",
+        fast_conv_gradients=True,
     ),
     "smallcnn_bn": ModelEntry(
         "jax_mnist.models.smallcnn:SmallCNN",
         "smallcnn with batch norm after each convolution",
         options=(("batch_norm", True),),
+        fast_conv_gradients=True,
     ),
 }
 
@@ -79,11 +88,13 @@ def build_model(
 ) -> nnx.Module:
     """Model ``name`` with parameters initialized from ``seed``, computing in ``dtype`` (a JAX
     dtype; None is float32), built op by op: call it where JAX traces (under ``jax.jit`` or
-    ``nnx.eval_shape``), or call :func:`create_model`, which compiles it."""
+    ``nnx.eval_shape``), or call :func:`create_model`, which compiles it. The backend's
+    convolution goes in when the entry asks for it (``fast_conv_gradients``)."""
     import jax.numpy as jnp
     from flax import nnx
 
-    return MODELS[name].constructor(
+    entry = MODELS[name]
+    model = entry.constructor(
         num_classes=num_classes,
         dropout=dropout,
         width=width,
@@ -91,6 +102,11 @@ def build_model(
         dtype=jnp.float32 if dtype is None else dtype,
         rngs=nnx.Rngs(params=seed),
     )
+    if entry.fast_conv_gradients:
+        from jax_mnist.backend import use_fast_conv_gradients
+
+        model = use_fast_conv_gradients(model)
+    return model
 
 
 def initialize(build: Callable[[], nnx.Module]) -> nnx.Module:
