@@ -185,3 +185,9 @@ def test_compute_dtype_names_the_dtypes_a_config_may_choose():
     model = nnx.eval_shape(model_from_config(settings, num_classes=10))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     assert model.conv1.dtype == jnp.bfloat16
+
+
+def test_only_the_seed_and_small_cnns_take_the_backends_convolution():
+    # Their convolutions have taken it since they came; giving it to another model would change
+    # that model's trained bits (its gradients are added in another order).
+    assert {n for n, e in MODELS.items() if e.fast_conv_gradients} == {"cnn", "smallcnn", "smallcnn_bn"}

@@ -1,6 +1,6 @@
 """The fast path computes what the straightforward one does.
 
-The seed CNN's convolutions use ``fastconv.conv_general_dilated`` (gradients in XLA:CPU's
+The seed CNN's convolutions get ``backend.conv_general_dilated`` (gradients in XLA:CPU's
 canonical layout) and ``train_chunk`` loops its steps in a ``lax.scan``; these tests compare
 both against a plain ``nnx.Conv`` model stepped by a Python loop, and check that the
 compiled loop body holds no convolution that would fall off XLA:CPU's fast path.
@@ -8,55 +8,26 @@ compiled loop body holds no convolution that would fall off XLA:CPU's fast path.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import nnx
 from jax import lax
 
-from jax_mnist import steps, train
+from jax_mnist import backend, steps, train
 from jax_mnist.config import Config
 from jax_mnist.data import load_dataset
-from jax_mnist.models import cnn, create_model, fastconv, initialize
-
-
-@pytest.mark.parametrize(
-    ("cin", "cout", "size", "padding"),
-    [(1, 32, 28, "SAME"), (32, 64, 14, "SAME"), (3, 5, 9, "VALID"), (4, 6, 8, ((2, 1), (0, 2)))],
-)
-def test_fastconv_matches_lax_values_and_gradients(cin, cout, size, padding):
-    rng = np.random.default_rng(0)  # numpy's: inputs, not what is checked
-    x = jnp.asarray(rng.normal(size=(3, size, size, cin)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(3, 3, cin, cout)), jnp.float32)
-    dn = ("NHWC", "HWIO", "NHWC")
-
-    def loss(conv, x, w):
-        return jnp.sum(jnp.sin(conv(x, w, (1, 1), padding, dimension_numbers=dn)))
-
-    want = jax.jit(jax.value_and_grad(functools.partial(loss, lax.conv_general_dilated), (0, 1)))(x, w)
-    got = jax.jit(jax.value_and_grad(functools.partial(loss, fastconv.conv_general_dilated), (0, 1)))(x, w)
-    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(a))))
-
-
-def test_fastconv_leaves_other_convolutions_to_lax():
-    x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
-    jaxpr = jax.make_jaxpr(
-        lambda x, w: fastconv.conv_general_dilated(
-            x, w, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-        )
-    )(x, w)
-    assert "custom_vjp" not in str(jaxpr)
+from jax_mnist.models import MODELS, cnn, create_model, initialize
 
 
 def _plain_cnn(**kwargs):
-    """The seed CNN with nnx.Conv's own convolution: the straightforward version."""
+    """The seed CNN as its class builds it, with nnx.Conv's own convolution: the
+    straightforward version."""
     model = cnn.CNN(**kwargs)
-    for conv in (model.conv1, model.conv2):
-        conv.conv_general_dilated = lax.conv_general_dilated
+    assert all(conv.conv_general_dilated is lax.conv_general_dilated for conv in (model.conv1, model.conv2))
     return model
 
 
@@ -75,8 +46,9 @@ def test_same_parameters_as_a_plain_model():
 
 
 def test_fast_training_matches_the_straightforward_version(monkeypatch):
-    # 8 steps: the product's scanned chunk with fastconv, against a plain-nnx.Conv model
-    # stepped one jitted call at a time. Same data order, dropout keys and initialization.
+    # 8 steps: the product's scanned chunk with the backend's convolution, against a
+    # plain-nnx.Conv model stepped one jitted call at a time. Same data order, dropout keys and
+    # initialization.
     config = Config()
     arrays = load_dataset(config)
     images = jnp.asarray(arrays.train_images[:1024])
@@ -87,14 +59,14 @@ def test_fast_training_matches_the_straightforward_version(monkeypatch):
     chunk = jax.jit(
         functools.partial(steps.train_chunk, settings=setup.settings, batch_size=128, steps_per_epoch=8),
         static_argnames="num_steps",
-        compiler_options=fastconv.training_compiler_options(),
+        compiler_options=backend.training_compiler_options(),
     )
     fast_state, fast_sums = chunk(train.create_train_state(setup), order, images, labels, num_steps=8)
     assert (
         "while" in chunk.lower(train.create_train_state(setup), order, images, labels, num_steps=8).as_text()
     )
 
-    monkeypatch.setitem(cnn.__dict__, "fastconv", _PlainConvModule)
+    monkeypatch.setitem(MODELS, "cnn", dataclasses.replace(MODELS["cnn"], fast_conv_gradients=False))
     plain_setup = train.create_setup(config, steps_per_epoch=8)
     step = jax.jit(functools.partial(steps.train_step, settings=plain_setup.settings))
     state = train.create_train_state(plain_setup)
@@ -108,10 +80,6 @@ def test_fast_training_matches_the_straightforward_version(monkeypatch):
         np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-4)
 
 
-class _PlainConvModule:
-    conv_general_dilated = staticmethod(lax.conv_general_dilated)
-
-
 def test_seed_cnn_loop_body_has_only_canonical_convolutions():
     setup = train.create_setup(Config(), steps_per_epoch=10)
     state = jax.eval_shape(setup.initial_state)
@@ -120,7 +88,7 @@ def test_seed_cnn_loop_body_has_only_canonical_convolutions():
     jaxpr = jax.make_jaxpr(functools.partial(steps.train_step, settings=setup.settings))(
         state, images, labels
     )
-    assert fastconv.loops_well(jaxpr)
+    assert backend.loops_well(jaxpr)
     if jax.default_backend() != "cpu":
         return
     # The plain model's kernel gradient is not canonical: it must not be looped.
@@ -131,7 +99,7 @@ def test_seed_cnn_loop_body_has_only_canonical_convolutions():
             )
         )
     )(jnp.ones((3, 3, 2, 4)), jnp.ones((2, 6, 6, 2)))
-    assert not fastconv.loops_well(plain)
+    assert not backend.loops_well(plain)
 
 
 def test_bfloat16_trains_with_float32_master_weights():
@@ -153,17 +121,3 @@ def test_bfloat16_trains_with_float32_master_weights():
         losses.append(float(sums["loss"] / sums["count"]))
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))
     assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0], losses
-
-
-def test_training_compiler_options_leave_a_users_xla_flags_alone(monkeypatch):
-    fastconv.training_compiler_options.cache_clear()
-    try:
-        monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=individual_dot")
-        assert fastconv.training_compiler_options() == {}
-        fastconv.training_compiler_options.cache_clear()
-        monkeypatch.delenv("XLA_FLAGS")
-        expected = {"xla_cpu_experimental_ynn_fusion_type": ""} if jax.default_backend() == "cpu" else {}
-        # An XLA that dropped the option would make this fail: time to look at the fast path again.
-        assert fastconv.training_compiler_options() == expected
-    finally:
-        fastconv.training_compiler_options.cache_clear()

@@ -44,9 +44,9 @@ def backend_started() -> bool:
 
     if "jax" not in sys.modules:
         return False
-    from jax._src import xla_bridge
+    from jax_mnist.backend import backends_initialized
 
-    return xla_bridge.backends_are_initialized()
+    return backends_initialized()
 
 
 def use_deterministic_ops(*, warn: Callable[[str], None] = _print_warning) -> bool:

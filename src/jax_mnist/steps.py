@@ -17,8 +17,8 @@ import optax
 from flax import nnx, struct
 from jax import lax
 
+from jax_mnist import backend
 from jax_mnist.augment import AugmentSettings, augment
-from jax_mnist.models import fastconv
 
 PyTree = Any
 
@@ -235,8 +235,8 @@ def train_chunk(
     The steps run in a ``lax.scan`` (compiled once, buffers reused from step to step) when
     the step loops well on the backend: on XLA:CPU, a convolution gradient that is not in the
     canonical layout runs 6 to 60 times slower inside a while loop than at the top level, so
-    models whose gradients are not all canonical (see ``models/fastconv.py``) get a straight
-    line of unrolled steps instead (see the README's performance section).
+    models whose gradients are not all canonical get a straight line of unrolled steps
+    instead (``backend.scan_unroll``; see the README's performance section).
 
     Args:
       state: the training state; ``state.step % steps_per_epoch`` is the position in the epoch.
@@ -263,8 +263,8 @@ def train_chunk(
         return (state, jax.tree.map(jnp.add, sums, step_sums)), None
 
     carry = (state, zero_sums() if sums is None else sums)
-    loop = num_steps > 1 and fastconv.loops_well(jax.make_jaxpr(one_step)(carry, None))
-    (state, sums), _ = lax.scan(one_step, carry, None, length=num_steps, unroll=1 if loop else True)
+    unroll = backend.scan_unroll(one_step, carry, num_steps)
+    (state, sums), _ = lax.scan(one_step, carry, None, length=num_steps, unroll=unroll)
     return state, sums
 
 

@@ -26,7 +26,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_mnist import runtime, steps
+from jax_mnist import backend, runtime, steps
 from jax_mnist.augment import AugmentSettings
 from jax_mnist.checkpoint import Checkpoints, write_error
 from jax_mnist.config import Config
@@ -36,7 +36,7 @@ from jax_mnist.errors import UserError, write_failure
 from jax_mnist.inference import make_batched_predict
 from jax_mnist.logs import RunLogger
 from jax_mnist.metrics import classification_metrics
-from jax_mnist.models import compute_dtype, fastconv, model_from_config
+from jax_mnist.models import compute_dtype, model_from_config
 from jax_mnist.optim import create_optimizer
 from jax_mnist.parallel import (
     agree_on_signal,
@@ -135,7 +135,7 @@ def make_train_chunk_fn(setup: Setup, batch_size: int, steps_per_epoch: int):
     ``(state, order, images, labels, *, num_steps) -> (state, sums)``.
 
     One compilation per distinct ``num_steps``; on XLA:CPU it is compiled with the options
-    that make training fast (YNNPACK off, see ``models/fastconv.py``).
+    that make training fast (YNNPACK off, see ``backend.py``).
     """
     return jax.jit(
         functools.partial(
@@ -143,7 +143,7 @@ def make_train_chunk_fn(setup: Setup, batch_size: int, steps_per_epoch: int):
         ),
         static_argnames="num_steps",
         donate_argnums=0,
-        compiler_options=fastconv.training_compiler_options(),
+        compiler_options=backend.training_compiler_options(),
     )
 
 

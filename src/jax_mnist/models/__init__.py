@@ -32,13 +32,17 @@ class ModelEntry:
     shares, its width (and depth) around the model's own; and ``cpu_engine``, the engine that
     serves it faster on a CPU (``"jax"`` or ``"onnx"``: ONNX Runtime), which ``jax-mnist
     serve --engine auto`` picks there.
-    """
+
+    ``fast_conv_gradients``: its ``nnx.Conv`` layers get the backend's convolution, whose
+    gradients XLA:CPU runs fast in loops (``backend.use_fast_conv_gradients``): the same
+    parameters, results equal to float32 rounding, so switching it changes a model's bits."""
 
     target: str | Callable[..., nnx.Module]
     description: str
     options: tuple[tuple[str, Any], ...] = ()
     tune_space: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict, hash=False)
     cpu_engine: str = "jax"
+    fast_conv_gradients: bool = False
 
     @property
     def constructor(self) -> Callable[..., nnx.Module]:
@@ -63,6 +67,7 @@ MODELS: dict[str, ModelEntry] = {
         "jax_mnist.models.cnn:CNN",
         "the seed's CNN: 2 conv (32, 64) + avg-pool, dense 256, dropout",
         tune_space={"width": {"choices": [16, 24, 32, 48]}},
+        fast_conv_gradients=True,
     ),
     "lenet5": ModelEntry(
         "jax_mnist.models.lenet:LeNet5",
@@ -91,12 +96,14 @@ MODELS: dict[str, ModelEntry] = {
         "jax_mnist.models.smallcnn:SmallCNN",
         "the speed runs' CNN: conv 24 (5x5), 32 (3x3) + max-pool, dense 256",
         tune_space=_SMALLCNN_SPACE,
+        fast_conv_gradients=True,
     ),
     "smallcnn_bn": ModelEntry(
         "jax_mnist.models.smallcnn:SmallCNN",
         "smallcnn with batch norm after each convolution",
         options=(("batch_norm", True),),
         tune_space=_SMALLCNN_SPACE,
+        fast_conv_gradients=True,
     ),
 }
 
@@ -126,11 +133,13 @@ def build_model(
 ) -> nnx.Module:
     """Model ``name`` with parameters initialized from ``seed``, computing in ``dtype`` (a JAX
     dtype; None is float32), built op by op: call it where JAX traces (under ``jax.jit`` or
-    ``nnx.eval_shape``), or call :func:`create_model`, which compiles it."""
+    ``nnx.eval_shape``), or call :func:`create_model`, which compiles it. The backend's
+    convolution goes in when the entry asks for it (``fast_conv_gradients``)."""
     import jax.numpy as jnp
     from flax import nnx
 
-    return MODELS[name].constructor(
+    entry = MODELS[name]
+    model = entry.constructor(
         num_classes=num_classes,
         dropout=dropout,
         width=width,
@@ -138,6 +147,11 @@ def build_model(
         dtype=jnp.float32 if dtype is None else dtype,
         rngs=nnx.Rngs(params=seed),
     )
+    if entry.fast_conv_gradients:
+        from jax_mnist.backend import use_fast_conv_gradients
+
+        model = use_fast_conv_gradients(model)
+    return model
 
 
 def initialize(build: Callable[[], nnx.Module]) -> nnx.Module:

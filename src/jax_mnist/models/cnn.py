@@ -6,8 +6,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_mnist.models import fastconv
-
 
 class CNN(nnx.Module):
     """Conv(32) - ReLU - AvgPool 2 - Conv(64) - ReLU - AvgPool 2 - Dense(256) - ReLU - Dropout - Dense.
@@ -19,10 +17,8 @@ class CNN(nnx.Module):
         self, *, num_classes: int, dropout: float, width: int, depth: int, dtype: jnp.dtype, rngs: nnx.Rngs
     ):
         width = width or 32
-        # Same parameters as a plain nnx.Conv; gradients in the layout XLA:CPU runs fast (fastconv.py).
-        conv = fastconv.conv_general_dilated
-        self.conv1 = nnx.Conv(1, width, (3, 3), dtype=dtype, conv_general_dilated=conv, rngs=rngs)
-        self.conv2 = nnx.Conv(width, 2 * width, (3, 3), dtype=dtype, conv_general_dilated=conv, rngs=rngs)
+        self.conv1 = nnx.Conv(1, width, (3, 3), dtype=dtype, rngs=rngs)
+        self.conv2 = nnx.Conv(width, 2 * width, (3, 3), dtype=dtype, rngs=rngs)
         self.dense1 = nnx.Linear(7 * 7 * 2 * width, 256, dtype=dtype, rngs=rngs)
         self.dropout = nnx.Dropout(dropout)
         self.dense2 = nnx.Linear(256, num_classes, dtype=dtype, rngs=rngs)

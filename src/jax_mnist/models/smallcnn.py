@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_mnist.models import fastconv
 from jax_mnist.models.pooling import max_pool
 
 
@@ -37,7 +36,6 @@ class SmallCNN(nnx.Module):
     ):
         c1, depth = width or 24, depth or 2
         c2 = round(c1 * 4 / 3)
-        conv = fastconv.conv_general_dilated  # canonical-layout gradients on XLA:CPU
         shapes = [(1, c1, 5)] + [(c1 if i == 1 else c2, c2, 3) for i in range(1, depth)]
         self.convs = nnx.List(
             [
@@ -48,7 +46,6 @@ class SmallCNN(nnx.Module):
                     padding="VALID" if i < 2 else "SAME",
                     use_bias=not batch_norm,
                     dtype=dtype,
-                    conv_general_dilated=conv,
                     rngs=rngs,
                 )
                 for i, (cin, cout, k) in enumerate(shapes)

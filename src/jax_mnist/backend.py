@@ -1,34 +1,71 @@
-"""A drop-in ``conv_general_dilated`` whose gradients XLA:CPU runs fast, in loops too.
+"""Backend quirks, in one place: what XLA:CPU runs fast or slowly, and every private JAX name.
 
-XLA:CPU (JAX 0.10.2) rewrites a convolution into its fast library form (YNNPACK, or Eigen's
-spatial convolution) only when the convolution is in the canonical layout: batch-major,
-feature-minor input and output (``NHWC``), kernel ``HWIO``. The gradients that autodiff
-derives for a convolution are not in that layout (the kernel gradient contracts over the
-batch). At the top level of a computation XLA transposes them into the canonical form, but
-inside the body of a ``while`` loop (``lax.scan``, ``lax.fori_loop``) it does not, and they
-fall back to a naive loop nest: measured on 2 cores, the kernel gradient of the seed CNN's
-second convolution took 1,637 ms inside a ``fori_loop`` against 28 ms at the top level.
+The models are plain Flax modules and the steps plain JAX; what is here tunes them for the
+backend without changing a parameter, a checkpoint or (except for the order of additions in
+the convolution gradients) a result:
 
-:func:`conv_general_dilated` computes the same convolution with the same arguments, but its
-custom VJP writes both gradients as canonical ``NHWC``/``HWIO`` convolutions with explicit
-transposes, so they take the fast path wherever they are. The mathematics is unchanged (the
-results agree to float32 rounding); only the order of additions may differ.
+- **Convolution gradients in loops.** XLA:CPU (JAX 0.10.2) rewrites a convolution into its
+  fast library form (YNNPACK, or Eigen's spatial convolution) only when the convolution is in
+  the canonical layout: batch-major, feature-minor input and output (``NHWC``), kernel
+  ``HWIO``. The gradients that autodiff derives for a convolution are not in that layout (the
+  kernel gradient contracts over the batch). At the top level of a computation XLA transposes
+  them into the canonical form, but inside the body of a ``while`` loop (``lax.scan``,
+  ``lax.fori_loop``) it does not, and they fall back to a naive loop nest: measured on 2 cores,
+  the kernel gradient of the seed CNN's second convolution took 1,637 ms inside a
+  ``fori_loop`` against 28 ms at the top level.
 
-Only the cases it covers take this path (2-D, ``NHWC``/``HWIO``, unit strides and
-dilations, one feature group, the CPU backend); everything else goes to
-``lax.conv_general_dilated`` as it is. It plugs into ``nnx.Conv(...,
-conv_general_dilated=conv_general_dilated)``, so parameters and checkpoints do not change.
+  :func:`conv_general_dilated` computes the same convolution with the same arguments, but its
+  custom VJP writes both gradients as canonical ``NHWC``/``HWIO`` convolutions with explicit
+  transposes, so they take the fast path wherever they are. The mathematics is unchanged (the
+  results agree to float32 rounding); only the order of additions may differ. Only the cases
+  it covers take this path (2-D, ``NHWC``/``HWIO``, unit strides and dilations, one feature
+  group, the CPU backend); everything else goes to ``lax.conv_general_dilated`` as it is.
+  :func:`use_fast_conv_gradients` puts it into a model's ``nnx.Conv`` layers after the model
+  is built, for the models whose registry entry asks for it (``fast_conv_gradients``).
+- **Scanned or unrolled steps.** :func:`scan_unroll` loops a chunk of training steps in a
+  ``lax.scan`` when its body loops well (:func:`loops_well`), and unrolls it otherwise.
+- **Compiler options.** :func:`training_compiler_options` turns YNNPACK off for the training
+  step on the CPU.
+- **Private JAX names.** Each is read here only, through :func:`_private`, with a fallback
+  for a JAX that no longer has it: :func:`backends_initialized` and the XLA debug options read
+  by :func:`training_compiler_options`.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+if TYPE_CHECKING:
+    from flax import nnx
+
+
+def _private(module: str, name: str) -> Any:
+    """``module.name``, a private JAX name, or None when this JAX has no such module or name."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+def backends_initialized() -> bool:
+    """Whether JAX has started its backends (after which ``XLA_FLAGS`` is not read again).
+
+    Asks JAX's private ``xla_bridge``; where that is gone, False, and JAX is not started by
+    asking: a caller then sets ``XLA_FLAGS`` as before a start, which is harmless after one.
+    """
+    started = _private("jax._src.xla_bridge", "backends_are_initialized")
+    return bool(started()) if started is not None else False
+
+
+# --- Convolutions with canonical-layout gradients -------------------------------------------
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -92,7 +129,7 @@ def conv_general_dilated(
     preferred_element_type=None,
     out_sharding=None,
 ):
-    """``lax.conv_general_dilated`` with canonical-layout gradients on XLA:CPU (see module doc)."""
+    """``lax.conv_general_dilated`` with canonical-layout gradients on XLA:CPU (see the module doc)."""
     fast = (
         jax.default_backend() == "cpu"
         and _is_nhwc(dimension_numbers, lhs.ndim)
@@ -125,6 +162,25 @@ def conv_general_dilated(
         padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
     return _conv(lhs, rhs, padding, precision)
+
+
+def use_fast_conv_gradients(model: nnx.Module) -> nnx.Module:
+    """``model``, its ``nnx.Conv`` layers (at any depth) computing with
+    :func:`conv_general_dilated` in place of ``lax.conv_general_dilated``.
+
+    The parameters, their names and the forward pass stay as they are: only the gradients
+    are written in another layout. A layer given a convolution of its own keeps it. Call it
+    where the model is built, under a trace or not.
+    """
+    from flax import nnx
+
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, nnx.Conv) and module.conv_general_dilated is lax.conv_general_dilated:
+            module.conv_general_dilated = conv_general_dilated
+    return model
+
+
+# --- Scanned or unrolled steps --------------------------------------------------------------
 
 
 def _canonical_conv(params) -> bool:
@@ -172,6 +228,20 @@ def loops_well(jaxpr) -> bool:
     return ok(jaxpr.jaxpr)
 
 
+def scan_unroll(body: Callable[[Any, None], tuple[Any, Any]], carry: Any, length: int) -> int | bool:
+    """The ``unroll`` argument for ``lax.scan(body, carry, None, length=length)``.
+
+    1 (a loop, compiled once, buffers reused from step to step) when ``body`` loops well on
+    this backend (:func:`loops_well`, checked on its jaxpr, traced here once more), else True
+    (a straight line of ``length`` copies): on XLA:CPU a convolution gradient that is not in
+    the canonical layout runs 6 to 60 times slower inside a while loop than at the top level.
+    """
+    loop = length > 1 and loops_well(jax.make_jaxpr(body)(carry, None))
+    return 1 if loop else True
+
+
+# --- Compiler options -----------------------------------------------------------------------
+
 _YNN_OFF = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
@@ -207,14 +277,16 @@ def training_compiler_options() -> dict[str, str]:
 
 def _default_debug_options_name(option: str) -> bool:
     """Whether XLA's default debug options set ``option`` (so this XLA knows it), read
-    without compiling anything; False when that cannot be read (a private jaxlib API)."""
+    without compiling anything through jaxlib's private ``_jax``; False when that cannot be
+    read."""
+    xla = _private("jax._src.lib", "_jax")
+    if xla is None:
+        return False
     try:
-        from jax._src.lib import _jax
-
         # Each object held in a name: the inner ones point into the outer, which must outlive them.
-        compile_options = _jax.CompileOptions()
+        compile_options = xla.CompileOptions()
         build_options = compile_options.executable_build_options
         text = str(build_options.debug_options)
         return f"{option}:" in text
-    except Exception:
+    except Exception:  # the private API changed shape
         return False
