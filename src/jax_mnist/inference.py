@@ -28,7 +28,7 @@ from jax_mnist.config import Config
 from jax_mnist.data.datasets import DATASETS, DatasetInfo
 from jax_mnist.errors import UserError
 from jax_mnist.metrics import average_predictions
-from jax_mnist.models import compute_dtype, initialize, model_from_config
+from jax_mnist.models import compute_dtype, initialize, model_from_config, split_variables
 from jax_mnist.parallel import put_replicated, replicate, to_host
 from jax_mnist.steps import Variables
 
@@ -231,8 +231,8 @@ def test_accuracy(workdir: Path) -> float | None:
 
 def abstract_variables(config: Config, info: DatasetInfo) -> tuple[nnx.GraphDef, Variables]:
     """The model's structure and the shapes of its variables, computing no parameters."""
-    graphdef, params, model_state = nnx.split(
-        nnx.eval_shape(model_from_config(config, info.num_classes)), nnx.Param, ...
+    graphdef, params, model_state = split_variables(
+        nnx.eval_shape(model_from_config(config, info.num_classes))
     )
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
@@ -286,8 +286,8 @@ def untrained_model(name: str, *, seed: int = 0, **config_changes) -> InferenceM
     config = Config(model=name, seed=seed, **config_changes).validate()
     info = DATASETS[config.dataset]
     model = initialize(model_from_config(config, info.num_classes))
-    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
-    params, model_state = nnx.to_pure_dict(params), nnx.to_pure_dict(model_state)
+    graphdef, param_vars, other_vars = split_variables(model)
+    params, model_state = nnx.to_pure_dict(param_vars), nnx.to_pure_dict(other_vars)
     rng = np.random.default_rng(seed)
 
     def randomize(path, x):

@@ -57,7 +57,7 @@ class EventWriter:
         self.logdir = Path(logdir)
         self.start_step = start_step
         self.path: Path | None = None
-        self._writer = None
+        self._writer: Any = None  # tensorboard's RecordWriter, opened at the first write
 
     def _open(self) -> None:
         from tensorboard.compat.proto import event_pb2

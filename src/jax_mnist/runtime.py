@@ -141,7 +141,7 @@ def use_compilation_cache(
         # when the user pointed JAX at a cache folder.
         jax.config.update("jax_enable_compilation_cache", False)
         return None
-    path = jax.config.jax_compilation_cache_dir
+    path = jax.config.jax_compilation_cache_dir  # type: ignore[attr-defined]  # JAX's options are attributes
     if not path:
         folder = compilation_cache_dir(cache_dir)
         if not private_folder(folder, warn=warn):

@@ -8,7 +8,7 @@ Shapes: images are uint8 ``[N, 28, 28]`` as stored on the device; the model sees
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +51,10 @@ class TrainState:
     key: jax.Array
     data_key: jax.Array
     epoch_sums: dict[str, jax.Array]
+
+    if TYPE_CHECKING:  # flax.struct.dataclass adds it; spelled out for type checkers
+
+        def replace(self, **changes: Any) -> TrainState: ...
 
 
 # Running sums of steps: ``loss`` float32, ``correct`` and ``count`` int32 scalars.
@@ -264,8 +268,8 @@ def train_chunk(
 
     carry = (state, zero_sums() if sums is None else sums)
     unroll = backend.scan_unroll(one_step, carry, num_steps)
-    (state, sums), _ = lax.scan(one_step, carry, None, length=num_steps, unroll=unroll)
-    return state, sums
+    (state, total), _ = lax.scan(one_step, carry, None, length=num_steps, unroll=unroll)
+    return state, total
 
 
 def epoch_order(key: jax.Array, epoch: jax.Array, num_examples: int) -> jax.Array:

@@ -36,7 +36,7 @@ from jax_mnist.errors import UserError, write_failure
 from jax_mnist.inference import make_batched_predict
 from jax_mnist.logs import RunLogger
 from jax_mnist.metrics import classification_metrics
-from jax_mnist.models import compute_dtype, model_from_config
+from jax_mnist.models import compute_dtype, model_from_config, split_variables
 from jax_mnist.optim import create_optimizer
 from jax_mnist.parallel import (
     agree_on_signal,
@@ -80,7 +80,7 @@ def create_setup(config: Config, steps_per_epoch: int, mesh: jax.sharding.Mesh |
     tx = create_optimizer(config, steps_per_epoch)
     make_model = model_from_config(config, info.num_classes)
 
-    graphdef, _, _ = nnx.split(nnx.eval_shape(make_model), nnx.Param, ...)
+    graphdef, _, _ = split_variables(nnx.eval_shape(make_model))
     settings = steps.StepSettings(
         graphdef=graphdef,
         tx=tx,
@@ -95,8 +95,8 @@ def create_setup(config: Config, steps_per_epoch: int, mesh: jax.sharding.Mesh |
     )
 
     def initial_state() -> steps.TrainState:
-        _, params, model_state = nnx.split(make_model(), nnx.Param, ...)
-        params, model_state = nnx.to_pure_dict(params), nnx.to_pure_dict(model_state)
+        _, param_vars, other_vars = split_variables(make_model())
+        params, model_state = nnx.to_pure_dict(param_vars), nnx.to_pure_dict(other_vars)
         root = jax.random.key(config.seed)
         return steps.TrainState(
             step=jnp.zeros((), jnp.int32),

@@ -183,12 +183,18 @@ class ModelSettings(Protocol):
     model names up in :data:`MODELS` when it validates).
     """
 
-    model: str
-    dropout: float
-    width: int
-    depth: int
-    dtype: str  # one of COMPUTE_DTYPES
-    seed: int
+    @property
+    def model(self) -> str: ...
+    @property
+    def dropout(self) -> float: ...
+    @property
+    def width(self) -> int: ...
+    @property
+    def depth(self) -> int: ...
+    @property
+    def dtype(self) -> str: ...  # one of COMPUTE_DTYPES
+    @property
+    def seed(self) -> int: ...
 
 
 def model_from_config(config: ModelSettings, num_classes: int) -> Callable[[], nnx.Module]:
@@ -209,6 +215,15 @@ def model_from_config(config: ModelSettings, num_classes: int) -> Callable[[], n
         dtype=compute_dtype(config.dtype),
         seed=config.seed,
     )
+
+
+def split_variables(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """The model's structure, its parameters (``nnx.Param``) and the rest of its variables
+    (batch-norm statistics)."""
+    from flax import nnx
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]  # a variadic tuple
+    return graphdef, params, rest
 
 
 def count_params(model: nnx.Module) -> int:
@@ -249,4 +264,6 @@ def flops_per_image(model: nnx.Module) -> float:
 
     x = on_cpu(jax.ShapeDtypeStruct((1, 28, 28, 1), jnp.float32))
     cost = jax.jit(forward).lower(jax.tree.map(on_cpu, state), x).cost_analysis()
+    if not cost:
+        raise RuntimeError("XLA gave no cost analysis of the forward pass")
     return float(cost["flops"])

@@ -111,9 +111,9 @@ def load_served_model(
         from jax_mnist.export import load_exported
     except ImportError as e:
         raise UserError(f"{path}: serving an exported model file needs the export support ({e})") from None
-    model = load_exported(path)
-    runtime = "ONNX Runtime" if model.meta["format"] == "onnx" else "JAX (StableHLO)"
-    return model, f"{runtime} (the exported file's format)"
+    exported = load_exported(path)
+    runtime = "ONNX Runtime" if exported.meta["format"] == "onnx" else "JAX (StableHLO)"
+    return exported, f"{runtime} (the exported file's format)"
 
 
 def serve(path: str | Path, settings: ServeSettings | None = None, *, warn=print) -> None:
@@ -178,7 +178,10 @@ def serve(path: str | Path, settings: ServeSettings | None = None, *, warn=print
     gc.collect()
     gc.freeze()
     config = uvicorn.Config(
-        app, access_log=False, log_level="warning", timeout_graceful_shutdown=settings.drain_timeout
+        app,
+        access_log=False,
+        log_level="warning",
+        timeout_graceful_shutdown=settings.drain_timeout,  # type: ignore[arg-type]  # any seconds
     )
     server = DrainingServer(config, app.state.serving, settings.drain_timeout)
     server.run(sockets=[sock])

@@ -47,6 +47,7 @@ class Param:
         if self.kind == "categorical":
             return trial.suggest_categorical(self.name, list(self.choices))
         if self.kind == "int":
+            assert self.low is not None and self.high is not None  # parse_space gives ints bounds
             return trial.suggest_int(
                 self.name, int(self.low), int(self.high), log=self.log, step=int(self.step or 1)
             )
