@@ -556,7 +556,7 @@ def best() -> Config:
         label_smoothing=0.1,  # calibrated, less overconfident logits; helps ensembles too
         # No weight EMA: with its batch statistics averaged too, EMA leads early (validation
         # 97.50% against 94.70% after one epoch of a 4-epoch trial) but not once one-cycle has
-        # annealed the rate (99.06% against 99.08% at the end); see the README's Results.
+        # annealed the rate (99.06% against 99.08% at the end); see docs/models-and-presets.md.
         aug_shift=2.0,  # MNIST digits vary in position, slant and size by about this much
         aug_rotate=10.0,
         aug_scale=0.1,

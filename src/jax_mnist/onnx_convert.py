@@ -8,8 +8,8 @@ activations channels-first between convolutions and pooling, and writes opset
 so importing this module needs NumPy alone).
 
 Why not jax2onnx: it pins ``orbax-checkpoint<0.11.37`` (we run 0.12), so it cannot be
-installed beside the base package without downgrading Orbax; the README's export section has
-the rest of the comparison.
+installed beside the base package without downgrading Orbax; docs/export.md (The ONNX converter)
+has the rest of the comparison.
 """
 
 from __future__ import annotations

@@ -240,7 +240,7 @@ def train_chunk(
     the step loops well on the backend: on XLA:CPU, a convolution gradient that is not in the
     canonical layout runs 6 to 60 times slower inside a while loop than at the top level, so
     models whose gradients are not all canonical get a straight line of unrolled steps
-    instead (``backend.scan_unroll``; see the README's performance section).
+    instead (``backend.scan_unroll``; see docs/performance.md, What XLA:CPU does well and badly here).
 
     Args:
       state: the training state; ``state.step % steps_per_epoch`` is the position in the epoch.

@@ -49,7 +49,7 @@ class DatasetInfo:
         ``None`` where no published sum exists (the download's SHA-256 is checked instead).
       mean, std: pixel statistics of the training images scaled to [0, 1], for normalization.
       bundled: whether the files ship inside the package.
-      description, source, license, homepage: for ``jax-mnist datasets`` and the README.
+      description, source, license, homepage: for ``jax-mnist datasets`` and docs/data.md.
       split_files: the IDX file stem of each split (``SPLIT_FILES`` for MNIST's names).
       downloads: the files to fetch into the cache; empty for the bundled dataset.
       archive_members: for a dataset shipped inside one zip (``downloads`` has one entry):

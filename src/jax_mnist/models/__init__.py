@@ -54,7 +54,7 @@ class ModelEntry:
 
 
 # cpu_engine="onnx" where ONNX Runtime ran a run's model faster than jitted JAX on a CPU, at
-# batch 1 and at batch 1000 alike (benchmarks/inference_engines.py; the README has the table):
+# batch 1 and at batch 1000 alike (benchmarks/inference_engines.py; the table is in docs/performance.md, Inference engines):
 # LeNet-5 1.5-2.8x, VGG 1.3-1.5x, ResNet 1.4-1.5x. JAX was faster for the seed CNN and, at
 # batch 1000, the MLP. On a GPU JAX runs on the GPU and ONNX Runtime (CPU) would not.
 _SMALLCNN_SPACE: dict[str, dict[str, Any]] = {
