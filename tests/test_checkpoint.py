@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import jax
 import numpy as np
@@ -111,6 +112,81 @@ def test_all_checkpoints_damaged_is_a_clear_error(tmp_path, how, tiny_run_one_ep
         assert line.startswith(("warning: checkpoint", "jax-mnist: error:")), result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("jax-mnist: error:")
     assert "every checkpoint is damaged" in result.stderr
+
+
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError("sharding: 2 devices, mesh of 4")])
+def test_a_restore_that_fails_otherwise_than_by_damage_is_loud_and_moves_nothing(
+    tmp_path, monkeypatch, error, tiny_run_one_epoch
+):
+    import orbax.checkpoint as ocp
+
+    run = tiny_run_one_epoch.copy(tmp_path / "run")
+    checkpoints = Checkpoints(run)  # open for writing: damage would be moved aside
+    setup = create_setup(checkpoints.read_config(), steps_per_epoch=1)
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", fail)
+    with pytest.raises(type(error)):
+        checkpoints.restore(abstract_train_state(setup))
+    checkpoints.close()
+    assert Checkpoints(run).steps() == [16] and not (run / "checkpoints" / "damaged").exists()
+
+
+def test_the_config_comes_from_the_newest_checkpoint_that_holds_a_readable_one(tmp_path, tiny_run):
+    run = tiny_run.copy(tmp_path / "run")  # checkpoints at steps 16 and 32
+    (run / "checkpoints" / "latest" / "32" / "config" / "metadata").write_text("{not json")
+    with Checkpoints(run, read_only=True) as checkpoints:
+        assert checkpoints.read_config() == tiny_config(epochs=2)
+    shutil.rmtree(run / "checkpoints" / "latest" / "32" / "config")
+    with Checkpoints(run, read_only=True) as checkpoints:
+        assert checkpoints.read_config() == tiny_config(epochs=2)
+    shutil.rmtree(run / "checkpoints" / "latest" / "16" / "config")
+    with Checkpoints(run, read_only=True) as checkpoints, pytest.raises(UserError, match="no readable"):
+        checkpoints.read_config()
+
+
+def _hooks():
+    return sys.unraisablehook, sys.excepthook, threading.excepthook
+
+
+def test_the_hooks_filter_stray_reads_while_checkpoints_are_open_and_are_given_back_at_close(
+    tmp_path, monkeypatch
+):
+    from jax_mnist.checkpoint import keep_silencing_reads_left_in_flight
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(("unraisable", u.exc_value)))
+    monkeypatch.setattr(sys, "excepthook", lambda kind, e, tb: seen.append(("except", e)))
+    monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(("thread", args.exc_value)))
+    before = _hooks()
+    closed_loop, other = RuntimeError("Event loop is closed"), RuntimeError("something else")
+
+    def report(error):
+        sys.unraisablehook(types.SimpleNamespace(exc_value=error, exc_traceback=None))
+        sys.excepthook(type(error), error, None)
+        threading.excepthook(types.SimpleNamespace(exc_value=error))
+
+    everywhere = [("unraisable", other), ("except", other), ("thread", other)]
+    with Checkpoints(tmp_path / "a"):
+        report(closed_loop)
+        report(other)
+        with Checkpoints(tmp_path / "b"):  # another one open at once shares the filters
+            pass
+        report(closed_loop)
+        assert seen == everywhere
+    assert _hooks() == before
+    report(other)
+    assert seen == everywhere * 2
+    # Open for reading, nothing is filtered before a restore.
+    with Checkpoints(tmp_path / "a", read_only=True):
+        assert _hooks() == before
+    # Orbax gave up with reads in flight: they may end after close, so the filters stay.
+    with Checkpoints(tmp_path / "a"):
+        keep_silencing_reads_left_in_flight()
+    report(closed_loop)
+    assert seen == everywhere * 2 and _hooks() != before
 
 
 def test_evaluate_missing_run_is_a_clear_error(tmp_path):

@@ -170,6 +170,36 @@ def test_uint8_input_and_reproducible_export(tmp_path, test_images):
     assert np.abs(run_onnx(tmp_path / "a.export_onnx", images) - reference).max() <= TOLERANCE
 
 
+def test_a_failed_cuda_lowering_is_said_and_the_artifact_runs_on_the_cpu(tmp_path, monkeypatch, test_images):
+    model = untrained_model("mlp", seed=3)
+    lines = []
+    path = export_stablehlo(model, tmp_path / "as-is.stablehlo", warn=lines.append)
+    platforms = json.loads(sidecar_path(path).read_text())["platforms"]
+    assert len(lines) == (0 if "cuda" in platforms else 1)  # said only when CUDA is left out
+
+    export = jax.export.export
+
+    def without_cuda(fn, *, platforms, **kwargs):
+        if "cuda" not in platforms:
+            return export(fn, platforms=platforms, **kwargs)
+
+        def lower(*args):
+            raise NotImplementedError("no lowering rule for cuda here\nthe rest of the story")
+
+        return lower
+
+    monkeypatch.setattr(jax.export, "export", without_cuda)
+    lines = []
+    path = export_stablehlo(model, tmp_path / "cpu.stablehlo", warn=lines.append)
+    assert lines == [
+        f"warning: cannot lower the model for cuda (no lowering rule for cuda here); {path} runs on the cpu only"
+    ]
+    loaded = load_exported(path)
+    assert loaded.meta["platforms"] == ["cpu"]
+    images = test_images[0][:8]
+    assert np.abs(loaded.predict_logits(images) - model.predict_logits(images)).max() <= TOLERANCE
+
+
 def test_cli_exports_a_run(lenet5_run, tmp_path, test_images):
     out = tmp_path / "lenet.onnx"
     result = run_cli(

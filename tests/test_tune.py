@@ -177,6 +177,55 @@ def test_without_optuna_one_line_says_what_to_install(tmp_path):
     )
 
 
+def _storage_error(kind, message):
+    import sqlalchemy.exc
+
+    return getattr(sqlalchemy.exc, kind)("INSERT INTO studies ...", {}, sqlite3.OperationalError(message))
+
+
+def test_storage_races_are_tried_again_and_lasting_failures_are_one_line(monkeypatch):
+    from jax_mnist.tune import study
+
+    pauses = []
+    monkeypatch.setattr(study.time, "sleep", pauses.append)
+
+    def failing(*errors):
+        left = list(errors)
+
+        def action():
+            if left:
+                raise left.pop(0)
+            return "opened"
+
+        return action
+
+    # Another writer holds SQLite's lock, or created the tables first; Optuna may wrap the error.
+    locked = _storage_error("OperationalError", "database is locked")
+    wrapped = optuna.exceptions.StorageInternalError("An exception is raised during the commit.")
+    wrapped.__cause__ = _storage_error("OperationalError", "table studies already exists")
+    duplicate = _storage_error("IntegrityError", "UNIQUE constraint failed: studies.study_name")
+    action = failing(locked, wrapped, duplicate, optuna.exceptions.DuplicatedStudyError("taken"))
+    assert study.retry_transient(action, "--storage: cannot open x") == "opened"
+    assert pauses == [0.5, 1.5, 2.5, 3.5]
+
+    # A failure that lasts is said at once, in one line; so is one that only reads like a race.
+    for error in (
+        _storage_error("OperationalError", "unable to open database file"),
+        RuntimeError("the database is locked\nmore"),
+    ):
+        pauses.clear()
+        with pytest.raises(UserError) as caught:
+            study.retry_transient(failing(error), "--storage: cannot open x")
+        assert str(caught.value).startswith("--storage: cannot open x: ") and "\n" not in str(caught.value)
+        assert pauses == []
+
+    # A race that never ends gives up after the last attempt.
+    pauses.clear()
+    with pytest.raises(UserError, match="database is locked"):
+        study.retry_transient(failing(*[locked] * 3), "--storage: cannot open x", attempts=3)
+    assert pauses == [0.5, 1.5]
+
+
 def test_best_toml_reads_back_as_the_same_config(tmp_path):
     config = Config.from_dict(
         {"preset": "best", "lr": 0.00123, "weight_decay": 1e-5, "width": 24, "nesterov": True}

@@ -59,17 +59,22 @@ def _exported_function(model) -> Callable:
 # -- StableHLO
 
 
-def export_stablehlo(model, out: str | Path, *, input_dtype: str = "float32") -> Path:
+def export_stablehlo(
+    model, out: str | Path, *, input_dtype: str = "float32", warn: Callable[[str], None] = print
+) -> Path:
     """Writes ``model`` as a serialized ``jax.export`` artifact at ``out`` (+ ``out.json``).
 
     Args:
       model: an :class:`~jax_mnist.inference.InferenceModel`.
       out: the artifact's path.
       input_dtype: ``float32`` (pixels in [0, 1]) or ``uint8`` (0-255).
+      warn: called with one line when the model cannot be lowered for CUDA, so the artifact
+        runs on the CPU alone.
 
     Returns:
       The artifact's path. Its function maps images ``[N, 28, 28]`` to logits float32
-      ``[N, C]`` for any ``N``, on the CPU (and CUDA where this JAX can lower for it).
+      ``[N, C]`` for any ``N``, on the CPU (and CUDA where this JAX can lower for it); the
+      sidecar's ``platforms`` lists which.
     """
     import jax
 
@@ -84,7 +89,10 @@ def export_stablehlo(model, out: str | Path, *, input_dtype: str = "float32") ->
             jax.config.update(name, value)
         try:
             exported = jax.export.export(fn, platforms=("cpu", "cuda"))(x)
-        except Exception:  # a JAX that cannot lower for CUDA here: the CPU alone
+        except Exception as e:  # a JAX that cannot lower for CUDA here: the CPU alone
+            text = str(e).strip()
+            reason = text.splitlines()[0][:200] if text else type(e).__name__
+            warn(f"warning: cannot lower the model for cuda ({reason}); {out} runs on the cpu only")
             exported = jax.export.export(fn, platforms=("cpu",))(x)
     finally:
         for name, value in saved.items():
@@ -241,7 +249,9 @@ def export_run(
 ) -> Path:
     """Exports a run's model (checkpoint ``which``) as ``fmt``; returns the artifact's path.
 
-    ``out`` defaults to ``<workdir>/model.onnx`` or ``<workdir>/model.stablehlo``.
+    ``out`` defaults to ``<workdir>/model.onnx`` or ``<workdir>/model.stablehlo``. ``warn`` is
+    called with a line for each damaged checkpoint passed over, and when a StableHLO export
+    cannot be lowered for CUDA (the file then runs on the CPU only).
     """
     if fmt not in FORMATS:
         raise ConfigError("--format", f"must be one of {', '.join(FORMATS)}; got {fmt!r}")
@@ -255,6 +265,8 @@ def export_run(
     out = Path(out) if out is not None else Path(workdir) / f"model{FORMATS[fmt]}"
     if out.is_dir():
         raise UserError(f"--out: {out} is a directory; give the file to write")
+    if fmt == "stablehlo":
+        return export_stablehlo(model, out, input_dtype=input_dtype, warn=warn)
     return EXPORTERS[fmt](model, out, input_dtype=input_dtype)
 
 

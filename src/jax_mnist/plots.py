@@ -19,7 +19,12 @@ MAX_MISTAKES = 48  # images in the gallery: the most confident mistakes first
 DPI = 100
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
+    """A matplotlib ``Figure`` of ``width`` x ``height`` inches at :data:`DPI`, laid out to fit.
+
+    Made with the object API (no pyplot, so no global state and no GUI backend); every figure
+    of the reports, the run's and the study's, starts here so they look alike.
+    """
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
@@ -27,7 +32,7 @@ def _figure(width: float, height: float):
 
 def plot_curves(run: Run):
     """Training and validation loss and accuracy per epoch, with the logged training loss."""
-    fig = _figure(11, 4)
+    fig = new_figure(11, 4)
     ax_loss, ax_acc = fig.subplots(1, 2)
     epochs = run.epochs
     x = [r["epoch"] for r in epochs]
@@ -66,7 +71,7 @@ def plot_curves(run: Run):
 def plot_confusion(matrix: np.ndarray, class_names: tuple[str, ...]):
     """The confusion matrix: counts in each cell, colored by the share of the true class."""
     n = len(class_names)
-    fig = _figure(max(6, 0.6 * n + 2), max(5.5, 0.6 * n + 1.5))
+    fig = new_figure(max(6, 0.6 * n + 2), max(5.5, 0.6 * n + 1.5))
     ax = fig.subplots()
     share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
@@ -105,7 +110,7 @@ def plot_mistakes(
     tile_h, tile_w = band + h + margin, w + 2 * margin
     mosaic = np.zeros((rows * tile_h, cols * tile_w), np.uint8)
     scale = 2.6  # screen pixels per image pixel
-    fig = _figure(cols * tile_w * scale / DPI, rows * tile_h * scale / DPI + 0.4)
+    fig = new_figure(cols * tile_w * scale / DPI, rows * tile_h * scale / DPI + 0.4)
     ax = fig.subplots()
     ax.axis("off")
     for k, i in enumerate(shown):
@@ -133,7 +138,7 @@ def plot_comparison(runs: list[Run]):
     """Loss and accuracy per epoch of several runs on shared axes (validation solid, train dashed)."""
     from matplotlib.ticker import MaxNLocator
 
-    fig = _figure(12, 4.5)
+    fig = new_figure(12, 4.5)
     ax_loss, ax_acc = fig.subplots(1, 2)
     names = display_names(runs)
     colors = [f"C{i % 10}" for i in range(len(runs))]

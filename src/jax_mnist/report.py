@@ -115,8 +115,13 @@ def _number(value: Any, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _figure_html(path: Path, caption: str | None = None) -> str:
-    """An embedded PNG (the page stands alone), linked to the file beside it."""
+def figure_html(path: Path, caption: str | None = None) -> str:
+    """The HTML of the PNG figure at ``path``: embedded, so the page stands alone, and linked to the file.
+
+    Args:
+      path: a PNG file beside the page.
+      caption: the caption; by default the one this module knows for the file's name, if any.
+    """
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     name = html.escape(path.name)
     caption = html.escape(_CAPTIONS.get(path.name, "") if caption is None else caption)
@@ -131,7 +136,11 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return f"<table>{body}</table>"
 
 
-def _page(title: str, body: str) -> str:
+def html_page(title: str, body: str) -> str:
+    """A whole HTML page in the reports' style: ``title`` as its title and heading, then ``body``.
+
+    ``body`` is HTML, inserted as it is; the page ends with the date it was written.
+    """
     return (
         f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f"<title>{html.escape(title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
@@ -182,14 +191,14 @@ def render_run_page(run: Run, figures: list[Path], notes: list[str]) -> str:
             _table(summary),
             *(f'<p class="note">{html.escape(n)}</p>' for n in notes),
             "<h2>Figures</h2>",
-            *(_figure_html(p) for p in figures),
+            *(figure_html(p) for p in figures),
             "<h2>Epochs</h2>",
             f"<table><tr>{header}</tr>{rows}</table>",
             "<h2>Config</h2>",
             _table(config),
         ]
     )
-    return _page(f"jax-mnist run {run.name}", body)
+    return html_page(f"jax-mnist run {run.name}", body)
 
 
 # -- several runs
@@ -249,7 +258,7 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path | None = None) -> l
             link,
         ]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    body = f"<table><tr>{header}</tr>{''.join(rows)}</table>\n{_figure_html(chart)}"
+    body = f"<table><tr>{header}</tr>{''.join(rows)}</table>\n{figure_html(chart)}"
     page = out / COMPARISON_PAGE
-    write_text(page, _page(f"jax-mnist: {len(runs)} runs compared", body))
+    write_text(page, html_page(f"jax-mnist: {len(runs)} runs compared", body))
     return [chart, page]

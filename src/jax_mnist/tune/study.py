@@ -27,11 +27,13 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from jax_mnist.config import LOCAL_FIELDS, Config, fields_with_role, normalize_keys, resolve_config
 from jax_mnist.errors import ConfigError, UserError
 from jax_mnist.tune.space import Param, build_space, format_params, parse_space
+
+T = TypeVar("T")
 
 INSTALL_HINT = "pip install 'jax-mnist[tune]'"
 SAMPLERS = ("tpe", "random")
@@ -163,7 +165,8 @@ def open_storage(url: str):
     if url.startswith("sqlite"):
         # Writers queue for SQLite's lock instead of failing at once; workers write briefly.
         engine_kwargs = {"connect_args": {"timeout": 120}}
-    for attempt in range(10):
+
+    def create() -> Any:
         try:
             return optuna.storages.RDBStorage(
                 url,
@@ -176,16 +179,75 @@ def open_storage(url: str):
                 f"--storage: the database driver {e.name!r} is not installed "
                 "(for PostgreSQL: pip install psycopg2-binary)"
             ) from None
-        except Exception as e:  # sqlalchemy's errors: a race creating the tables, or no server
-            if attempt == 9 or not _is_transient(e):
-                raise UserError(f"--storage: cannot open {redact(url)}: {e}".splitlines()[0]) from None
+
+    # SQLAlchemy's errors: a race creating the tables, or no server.
+    return retry_transient(create, f"--storage: cannot open {redact(url)}")
+
+
+RETRY_ATTEMPTS = 10
+
+
+def retry_transient(action: Callable[[], T], failure: str, *, attempts: int = RETRY_ATTEMPTS) -> T:
+    """``action()``, tried again after a pause while it fails for a race with another process.
+
+    Several workers (or commands) open one storage and one study at once: one of them may find
+    the database locked, or lose a race to create the same table, row or study. Those failures
+    (:func:`is_transient`) are tried again, up to ``attempts`` times in all, with pauses of
+    0.5 s, 1.5 s, 2.5 s, ...
+
+    Args:
+      action: what to do; its :class:`UserError` goes through as it is.
+      failure: the start of the one line said when it fails for good, e.g. ``--storage: cannot
+        open URL``; the error's first line follows it.
+      attempts: how many times to try in all.
+
+    Returns:
+      What ``action`` returns.
+
+    Raises:
+      UserError: ``action`` failed otherwise, or still failed transiently on its last try.
+    """
+    for attempt in range(attempts):
+        try:
+            return action()
+        except UserError:
+            raise
+        except Exception as e:  # the storage's errors, whatever the database and its driver
+            if attempt == attempts - 1 or not is_transient(e):
+                raise UserError(f"{failure}: {e}".splitlines()[0]) from None
             time.sleep(0.5 + attempt)
     raise AssertionError("unreachable")
 
 
-def _is_transient(e: Exception) -> bool:
-    text = str(e).lower()
-    return any(s in text for s in ("already exists", "locked", "duplicate", "unique constraint"))
+def is_transient(error: BaseException) -> bool:
+    """Whether ``error`` (or an error it was raised from) is a race another process caused.
+
+    Optuna raises SQLAlchemy's errors as they are, or wraps them in its
+    ``StorageInternalError``, so the chain of causes is searched.
+    """
+    optuna = import_optuna()
+    import sqlalchemy.exc
+
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, optuna.exceptions.DuplicatedStudyError):
+            return True  # another command created the study first
+        # These types also cover lasting failures (no server, a file that cannot be opened,
+        # a constraint the data breaks), so the message tells the race apart: the database
+        # locked by another writer (SQLite), a table, row or study created by another process
+        # first (SQLite says "already exists", PostgreSQL "duplicate key ... unique constraint").
+        if isinstance(
+            e,
+            (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError),
+        ):
+            text = str(e).lower()
+            return any(
+                s in text for s in ("database is locked", "already exists", "duplicate", "unique constraint")
+            )
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def redact(url: str) -> str:
@@ -211,23 +273,16 @@ def open_study(settings: TuneSettings, *, seed_offset: int = 0):
     optuna = import_optuna()
     settings.study_dir.mkdir(parents=True, exist_ok=True)  # the default storage lies in it
     storage = open_storage(settings.storage_url)
-    study = None
-    for attempt in range(10):
-        try:
-            study = optuna.create_study(
-                storage=storage,
-                study_name=settings.name,
-                # Accuracy up; with a cost target, the training cost to reach it down too.
-                directions=["maximize", "minimize"] if settings.cost_target is not None else ["maximize"],
-                load_if_exists=True,
-            )
-            break
-        except Exception as e:  # two commands creating one study at once
-            if attempt == 9 or not _is_transient(e):
-                raise UserError(
-                    f"--storage: cannot create study {settings.name!r}: {e}".splitlines()[0]
-                ) from None
-            time.sleep(0.5 + attempt)
+    study = retry_transient(
+        lambda: optuna.create_study(
+            storage=storage,
+            study_name=settings.name,
+            # Accuracy up; with a cost target, the training cost to reach it down too.
+            directions=["maximize", "minimize"] if settings.cost_target is not None else ["maximize"],
+            load_if_exists=True,
+        ),
+        f"--storage: cannot create study {settings.name!r}",  # two commands creating one study at once
+    )
     attrs, stored = _study_attrs(settings), study.user_attrs
     if "base_config" not in stored:
         for key, value in attrs.items():

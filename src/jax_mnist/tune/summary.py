@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from jax_mnist.config import Config
-from jax_mnist.plots import _figure, save_figure
+from jax_mnist.plots import new_figure, save_figure
 from jax_mnist.tune.space import Param, format_params, short_value
 from jax_mnist.tune.study import TuneSettings, import_optuna, open_study, redact
 
@@ -197,7 +197,7 @@ def _label_accuracy_axes(ax, xlabel: str) -> None:
 
 def plot_history(rows: list[dict[str, Any]]):
     """Validation accuracy of each trial in order, and the best so far."""
-    fig = _figure(7, 4)
+    fig = new_figure(7, 4)
     ax = fig.add_subplot()
     by_number = sorted((r for r in rows if r["val_accuracy"] is not None), key=lambda r: r["number"])
     for state, marker, color in (("complete", "o", "C0"), ("pruned", "x", "C3")):
@@ -218,7 +218,7 @@ def plot_history(rows: list[dict[str, Any]]):
 
 def plot_importances(importances: dict[str, float], objective: str = "validation accuracy"):
     names = list(importances)[::-1]
-    fig = _figure(7, 0.4 * len(names) + 1.2)
+    fig = new_figure(7, 0.4 * len(names) + 1.2)
     ax = fig.add_subplot()
     ax.barh(names, [importances[n] for n in names], color="C0")
     ax.set_xlabel(f"importance for {objective} (PED-ANOVA, sums to 1)")
@@ -227,7 +227,7 @@ def plot_importances(importances: dict[str, float], objective: str = "validation
 
 def plot_top_curves(rows: list[dict[str, Any]]):
     """Validation accuracy at each evaluation (epoch end) of the best trials."""
-    fig = _figure(7, 4)
+    fig = new_figure(7, 4)
     ax = fig.add_subplot()
     for r in rows[:TOP]:
         ax.plot(
@@ -242,7 +242,7 @@ def plot_top_curves(rows: list[dict[str, Any]]):
 
 def plot_pareto(rows: list[dict[str, Any]], target: float):
     """Validation accuracy against training cost of the complete trials, the Pareto front drawn."""
-    fig = _figure(7, 4.5)
+    fig = new_figure(7, 4.5)
     ax = fig.add_subplot()
     costed = [r for r in rows if r["state"] == "complete" and r["cost_gflop"] is not None]
     for reached, marker, color, label in (
@@ -272,7 +272,7 @@ def plot_pareto(rows: list[dict[str, Any]], target: float):
 
 def write_study_report(settings: TuneSettings, study, rows: list[dict[str, Any]]) -> list[Path]:
     """The figures and the self-contained ``report.html`` of the study."""
-    from jax_mnist.report import _figure_html, _page, write_text
+    from jax_mnist.report import figure_html, html_page, write_text
 
     out = settings.study_dir
     figures: list[tuple[Path, str]] = []
@@ -331,8 +331,8 @@ def write_study_report(settings: TuneSettings, study, rows: list[dict[str, Any]]
         f"<p>{len(rows)} trials, {scored}; the test set was not read. "
         f"Storage: {html.escape(redact(settings.storage_url))}.</p>"
         f"<h2>Search space</h2><ul>{space}</ul>"
-        + "".join(_figure_html(path, caption=caption) for path, caption in figures)
+        + "".join(figure_html(path, caption=caption) for path, caption in figures)
         + f"<h2>Trials</h2><table><tr>{head}</tr>{body}</table>"
     )
-    page = write_text(out / PAGE, _page(f"Study {settings.name}", page_body))
+    page = write_text(out / PAGE, html_page(f"Study {settings.name}", page_body))
     return [path for path, _ in figures] + [page]
