@@ -120,6 +120,7 @@ def conv_general_dilated(
     rhs,
     window_strides: Sequence[int],
     padding,
+    *,  # the rest by name, as nnx.Conv passes them
     lhs_dilation: Sequence[int] | None = None,
     rhs_dilation: Sequence[int] | None = None,
     dimension_numbers=None,

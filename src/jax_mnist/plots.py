@@ -98,14 +98,15 @@ def plot_mistakes(
     limit: int = MAX_MISTAKES,
 ):
     """A grid of the misclassified images, the most confident mistakes first."""
-    images = images.reshape(images.shape[:3])  # [N, H, W, 1] -> [N, H, W]
+    n, h, w = images.shape[:3]
+    images = images.reshape(n, h, w)  # [N, H, W, 1] -> [N, H, W]
     predictions = probabilities.argmax(axis=-1)
     wrong = np.flatnonzero(predictions != labels)
     confidence = probabilities[wrong, predictions[wrong]]
     shown = wrong[np.argsort(-confidence, kind="stable")][:limit]
     # One mosaic drawn by a single imshow (48 small axes take seconds to render): each tile is
     # a band for the labels above the image, with a margin on each side.
-    cols, (h, w), band, margin = 8, images.shape[1:3], 16, 4
+    cols, band, margin = 8, 16, 4
     rows = max(1, math.ceil(len(shown) / cols))
     tile_h, tile_w = band + h + margin, w + 2 * margin
     mosaic = np.zeros((rows * tile_h, cols * tile_w), np.uint8)

@@ -55,7 +55,7 @@ def to_mnist_form(gray: np.ndarray, *, name: str = "image") -> np.ndarray:
         raise ImageError(f"{name}: expected a 2-D grayscale image, got shape {img.shape}")
     if not np.isfinite(img).all():
         raise ImageError(f"{name}: the image holds values that are not finite numbers (NaN or infinity)")
-    lo, hi = img.min(), img.max()
+    lo, hi = np.min(img), np.max(img)
     if hi - lo < 1e-6 * max(abs(hi), 1.0):
         raise ImageError(f"{name}: the image is blank (every pixel is {lo:g}); nothing to recognize")
     img = (img - lo) / (hi - lo)

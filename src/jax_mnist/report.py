@@ -154,8 +154,8 @@ def render_run_page(run: Run, figures: list[Path], notes: list[str]) -> str:
     """The HTML page of one run: final figures, the figures, epochs and the config."""
     test, epochs = run.test, run.epochs
     summary = [
-        ("test accuracy", percent(test and test.get("test_accuracy"))),
-        ("test loss", _number(test and test.get("test_loss"))),
+        ("test accuracy", percent(test.get("test_accuracy") if test else None)),
+        ("test loss", _number(test.get("test_loss") if test else None)),
         ("best validation accuracy", percent(run.best_val_accuracy)),
         ("epochs", f"{len(epochs)} of {run.config.epochs:g}"),
         ("steps", str(epochs[-1]["step"]) if epochs else "-"),

@@ -262,7 +262,7 @@ def redact(url: str) -> str:
 
 def _study_attrs(settings: TuneSettings) -> dict[str, Any]:
     base = {k: v for k, v in settings.base.to_dict().items() if k not in PER_COMMAND_FIELDS}
-    attrs = {"base_config": base, "space": {p.name: p.to_dict() for p in settings.space}}
+    attrs: dict[str, Any] = {"base_config": base, "space": {p.name: p.to_dict() for p in settings.space}}
     if settings.cost_target is not None:
         attrs["cost_target"] = settings.cost_target
     return attrs
@@ -405,10 +405,9 @@ def training_cost(config: Config, curve: list[tuple[int, float]], target: float)
     from jax_mnist.models import flops_per_image, model_from_config
 
     model = nnx.eval_shape(model_from_config(config, DATASETS[config.dataset].num_classes))
-    images = next((n for n, accuracy in curve if accuracy >= target), None)
-    reached = images is not None
-    images = images if reached else curve[-1][0]
-    return images * flops_per_image(model) / 1e9, reached
+    reached_at = next((n for n, accuracy in curve if accuracy >= target), None)
+    images = curve[-1][0] if reached_at is None else reached_at
+    return images * flops_per_image(model) / 1e9, reached_at is not None
 
 
 def run_worker(settings: TuneSettings, *, worker: int = 0, log: Callable[[str], None] = print) -> None:
