@@ -13,7 +13,7 @@ import sys
 import typing
 from typing import Any
 
-from jax_mnist.config import flag_name
+from jax_mnist.options import flag_name
 from jax_mnist.errors import ConfigError, UserError
 
 
@@ -24,12 +24,12 @@ def _scalar_type(hint: Any) -> type:
 
 
 def option_fields(settings_class: type) -> list[dataclasses.Field]:
-    """The fields of ``settings_class`` declared with :func:`jax_mnist.config.option`: its flags."""
+    """The fields of ``settings_class`` declared with :func:`jax_mnist.options.option`: its flags."""
     return [f for f in dataclasses.fields(settings_class) if "help" in f.metadata]
 
 
 def add_option_flags(parser: argparse.ArgumentParser, settings_class: type) -> None:
-    """Adds one flag per field of ``settings_class`` declared with :func:`jax_mnist.config.option`.
+    """Adds one flag per field of ``settings_class`` declared with :func:`jax_mnist.options.option`.
 
     ``field_name`` becomes ``--field-name``; its help is the option's help and its default; a
     bool is ``--name/--no-name``; choices are its metavar, and a ``metavar`` in the metadata

@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from jax_mnist import config
-from jax_mnist.config import flag_name
+from jax_mnist import options
+from jax_mnist.options import flag_name
 from jax_mnist.errors import ConfigError
 
 ENGINES = ("auto", "jax", "onnx")
@@ -22,9 +22,9 @@ ENGINES = ("auto", "jax", "onnx")
 def option(
     default: Any, help: str, *, metavar: str | None = None, zero: str | None = None, **limits: Any
 ) -> Any:
-    """:func:`jax_mnist.config.option`, listed among the command's own options (no group), with
+    """:func:`jax_mnist.options.option`, listed among the command's own options (no group), with
     a ``metavar`` for its flag and what a ``zero`` value means (said in the range's message)."""
-    declared = config.option(default, help, group="", **limits)
+    declared = options.option(default, help, group="", **limits)
     return dataclasses.field(
         default=default, metadata={**declared.metadata, "metavar": metavar, "zero": zero}
     )
