@@ -154,7 +154,7 @@ def _hooks():
 def test_the_hooks_filter_stray_reads_while_checkpoints_are_open_and_are_given_back_at_close(
     tmp_path, monkeypatch
 ):
-    from jax_mnist.checkpoint import keep_silencing_reads_left_in_flight
+    from jax_mnist.backend import keep_silencing_reads_left_in_flight
 
     seen = []
     monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(("unraisable", u.exc_value)))

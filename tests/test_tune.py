@@ -184,10 +184,10 @@ def _storage_error(kind, message):
 
 
 def test_storage_races_are_tried_again_and_lasting_failures_are_one_line(monkeypatch):
-    from jax_mnist.tune import study
+    from jax_mnist.tune import storage
 
     pauses = []
-    monkeypatch.setattr(study.time, "sleep", pauses.append)
+    monkeypatch.setattr(storage.time, "sleep", pauses.append)
 
     def failing(*errors):
         left = list(errors)
@@ -205,7 +205,7 @@ def test_storage_races_are_tried_again_and_lasting_failures_are_one_line(monkeyp
     wrapped.__cause__ = _storage_error("OperationalError", "table studies already exists")
     duplicate = _storage_error("IntegrityError", "UNIQUE constraint failed: studies.study_name")
     action = failing(locked, wrapped, duplicate, optuna.exceptions.DuplicatedStudyError("taken"))
-    assert study.retry_transient(action, "--storage: cannot open x") == "opened"
+    assert storage.retry_transient(action, "--storage: cannot open x") == "opened"
     assert pauses == [0.5, 1.5, 2.5, 3.5]
 
     # A failure that lasts is said at once, in one line; so is one that only reads like a race.
@@ -215,14 +215,14 @@ def test_storage_races_are_tried_again_and_lasting_failures_are_one_line(monkeyp
     ):
         pauses.clear()
         with pytest.raises(UserError) as caught:
-            study.retry_transient(failing(error), "--storage: cannot open x")
+            storage.retry_transient(failing(error), "--storage: cannot open x")
         assert str(caught.value).startswith("--storage: cannot open x: ") and "\n" not in str(caught.value)
         assert pauses == []
 
     # A race that never ends gives up after the last attempt.
     pauses.clear()
     with pytest.raises(UserError, match="database is locked"):
-        study.retry_transient(failing(*[locked] * 3), "--storage: cannot open x", attempts=3)
+        storage.retry_transient(failing(*[locked] * 3), "--storage: cannot open x", attempts=3)
     assert pauses == [0.5, 1.5]
 
 

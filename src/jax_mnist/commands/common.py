@@ -13,8 +13,8 @@ import sys
 import typing
 from typing import Any
 
-from jax_mnist.options import flag_name
 from jax_mnist.errors import ConfigError, UserError
+from jax_mnist.options import flag_name
 
 
 def _scalar_type(hint: Any) -> type:

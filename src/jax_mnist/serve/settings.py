@@ -13,8 +13,8 @@ import dataclasses
 from typing import Any
 
 from jax_mnist import options
-from jax_mnist.options import flag_name
 from jax_mnist.errors import ConfigError
+from jax_mnist.options import flag_name
 
 ENGINES = ("auto", "jax", "onnx")
 

@@ -20,7 +20,8 @@ from typing import Any
 from jax_mnist.config import Config
 from jax_mnist.plots import new_figure, save_figure
 from jax_mnist.tune.space import Param, format_params, short_value
-from jax_mnist.tune.study import TuneSettings, import_optuna, open_study, redact
+from jax_mnist.tune.storage import import_optuna, redact
+from jax_mnist.tune.study import TuneSettings, open_study
 
 HISTORY, IMPORTANCES, TOP_CURVES, PARETO, PAGE = (
     "history.png",
