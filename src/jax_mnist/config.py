@@ -20,7 +20,7 @@ from typing import Any
 
 from jax_mnist.errors import ConfigError, UserError
 from jax_mnist.models import COMPUTE_DTYPES  # the registry imports no JAX
-from jax_mnist.options import ROLES, flag_name, option, read_table_file
+from jax_mnist.options import ROLES, flag_name, option, read_table_file, scalar_type
 
 # How a run shows its progress on the console (``--progress``; ``logs.use_progress_bar``).
 PROGRESS_MODES = ("auto", "bar", "plain")
@@ -363,9 +363,7 @@ FIELD_TYPES = typing.get_type_hints(Config)
 
 def field_type(name: str) -> type:
     """The scalar type of field ``name`` (``str | None`` -> ``str``)."""
-    hint = FIELD_TYPES[name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args else hint
+    return scalar_type(FIELD_TYPES[name])
 
 
 def normalize_keys(values: dict[str, Any], *, source: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,12 @@ def option(
         "local": role == "machine" if local is None else local,
     }
     return dataclasses.field(default=default, metadata=meta)
+
+
+def scalar_type(hint: Any) -> type:
+    """The scalar type of a field's annotation (``str | None`` -> ``str``)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
 
 
 def flag_name(field_name: str) -> str:

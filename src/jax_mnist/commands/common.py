@@ -14,13 +14,7 @@ import typing
 from typing import Any
 
 from jax_mnist.errors import ConfigError, UserError
-from jax_mnist.options import flag_name
-
-
-def _scalar_type(hint: Any) -> type:
-    """The scalar type of a field's annotation (``str | None`` -> ``str``)."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args else hint
+from jax_mnist.options import flag_name, scalar_type
 
 
 def option_fields(settings_class: type) -> list[dataclasses.Field]:
@@ -46,7 +40,7 @@ def add_option_flags(parser: argparse.ArgumentParser, settings_class: type) -> N
             group = groups.get(meta["group"]) or groups.setdefault(
                 meta["group"], parser.add_argument_group(meta["group"])
             )
-        kind = _scalar_type(hints[field.name])
+        kind = scalar_type(hints[field.name])
         help_text = f"{meta['help']} (default: {field.default})"
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text, "dest": field.name}
         if kind is bool:

@@ -18,11 +18,6 @@ DESCRIPTION = (
 )
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per field of :class:`~jax_mnist.config.Config`, as ``jax-mnist train`` has."""
-    add_option_flags(parser, Config)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--study", type=Path, required=True, metavar="DIR", help="folder of the study and its trials"
@@ -71,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="TOML, YAML or JSON file of fixed settings; flags override it",
     )
-    add_config_flags(parser)
+    add_option_flags(parser, Config)  # the flags of train fix those settings for every trial
 
 
 def run(args: argparse.Namespace) -> int:
