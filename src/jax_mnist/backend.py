@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import logging
 import os
 import sys
 import threading
@@ -302,6 +303,15 @@ def _default_debug_options_name(option: str) -> bool:
 # -- Orbax's reads left in flight
 
 
+class _AbandonedOrbaxTasks(logging.Filter):
+    """Drops asyncio's report of a collected task whose error came from Orbax's code."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error, traceback = record.exc_info[1:] if record.exc_info else (None, None)
+        abandoned = str(record.msg).startswith("Task exception was never retrieved")
+        return not (abandoned and (_closed_loop(error) or _from_orbax(traceback)))
+
+
 class _Filters:
     """One installation of the hook filters of :func:`silence_reads_left_in_flight`.
 
@@ -331,9 +341,14 @@ class _Filters:
         unraisablehook._jax_mnist_filters = self  # type: ignore[attr-defined]
         self.hooks = (unraisablehook, excepthook, thread_hook)
         self._set(self.hooks)
+        # An abandoned read that ran as an asyncio task is reported, when the task is collected,
+        # through asyncio's logger ("Task exception was never retrieved").
+        self.abandoned_tasks = _AbandonedOrbaxTasks()
+        logging.getLogger("asyncio").addFilter(self.abandoned_tasks)
 
     def remove(self) -> None:
         """Puts back the hooks found at installation, where ours are still in place."""
+        logging.getLogger("asyncio").removeFilter(self.abandoned_tasks)
         current = (sys.unraisablehook, sys.excepthook, threading.excepthook)
         self._set(
             tuple(
