@@ -157,10 +157,12 @@ def run_in_batches(
     *,
     pad: bool = True,
     multiple: int = 1,
+    one_shape: bool = False,
 ) -> np.ndarray:
     """``fn`` (images ``[B, 28, 28]`` -> logits ``[B, C]``) over ``images`` in batches of ``limit``.
 
-    With ``pad``, each batch is padded with zeros to :func:`padded_size`. Every batch is
+    With ``pad``, each batch is padded with zeros to :func:`padded_size`, or with ``one_shape``
+    to ``limit``: one shape compiled, for callers that see one size of input. Every batch is
     handed to ``fn`` before any result is read back, so device calls queue up behind each
     other. Returns float32 logits ``[N, C]`` as NumPy.
     """
@@ -168,7 +170,8 @@ def run_in_batches(
     for start in range(0, len(images), limit):
         batch = images[start : start + limit]
         if pad:
-            padded = np.zeros((padded_size(len(batch), limit, multiple), *batch.shape[1:]), batch.dtype)
+            size = limit if one_shape else padded_size(len(batch), limit, multiple)
+            padded = np.zeros((size, *batch.shape[1:]), batch.dtype)
             padded[: len(batch)] = batch
         else:
             padded = batch
@@ -179,7 +182,11 @@ def run_in_batches(
 
 
 def make_batched_predict(
-    apply: Callable[[Variables, jax.Array], jax.Array], mesh: jax.sharding.Mesh, num_classes: int
+    apply: Callable[[Variables, jax.Array], jax.Array],
+    mesh: jax.sharding.Mesh,
+    num_classes: int,
+    *,
+    one_shape: bool = False,
 ) -> Callable[..., np.ndarray]:
     """The one predictor: ``(variables, images [N, 28, 28], batch_size) -> logits`` float32
     ``[N, C]`` (NumPy), for validation and test during training, ``evaluate``, ``predict``,
@@ -188,8 +195,8 @@ def make_batched_predict(
     ``apply(variables, images [B, 28, 28]) -> logits [B, C]`` is jitted once; ``variables``
     must already be on ``mesh`` (replicated). Images are cut into batches on the host (at most
     ``batch_size``, rounded up to a multiple of the mesh's devices), each padded by
-    :func:`run_in_batches`, copied to every device, and split over the devices along the
-    batch: each device computes its share.
+    :func:`run_in_batches` (to a full batch with ``one_shape``), copied to every device, and
+    split over the devices along the batch: each device computes its share.
     """
     num_devices = mesh.devices.size
     batch_sharding = NamedSharding(mesh, P("data"))
@@ -206,6 +213,7 @@ def make_batched_predict(
             limit,
             num_classes,
             multiple=num_devices,
+            one_shape=one_shape,
         )
 
     return predict

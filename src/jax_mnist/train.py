@@ -150,9 +150,13 @@ def make_train_chunk_fn(setup: Setup, batch_size: int, steps_per_epoch: int):
 def make_predict_fn(setup: Setup) -> Callable[[Variables, np.ndarray], np.ndarray]:
     """``(variables, images [N, 28, 28]) -> logits`` float32 ``[N, C]`` (NumPy): the run's
     model through :func:`~jax_mnist.inference.make_batched_predict`, sharded over its mesh in
-    batches of ``eval_batch_size``."""
+    batches of ``eval_batch_size``, the last padded to a full one: one compiled shape serves the
+    validation split every epoch and the test set at the end."""
     predict = make_batched_predict(
-        functools.partial(steps.apply_variables, settings=setup.settings), setup.mesh, setup.info.num_classes
+        functools.partial(steps.apply_variables, settings=setup.settings),
+        setup.mesh,
+        setup.info.num_classes,
+        one_shape=True,
     )
     return functools.partial(predict, batch_size=setup.config.eval_batch_size)
 
