@@ -54,6 +54,15 @@ def records_without_timings(workdir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows]
 
 
+def checkpoint_steps(workdir: Path, kind: str = "latest") -> list[int]:
+    """The steps of a run's ``latest`` or ``best`` checkpoints, read and closed again (an open
+    manager keeps threads and files of its own)."""
+    from jax_mnist.checkpoint import Checkpoints
+
+    with Checkpoints(workdir, read_only=True) as checkpoints:
+        return checkpoints.steps(kind)
+
+
 def latest_state(workdir: Path) -> Any:
     """The whole training state of a run's latest checkpoint (its final state, once finished)."""
     from jax_mnist.checkpoint import Checkpoints

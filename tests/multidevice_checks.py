@@ -72,7 +72,8 @@ def read_train_losses(workdir):
 def restore_state(config, workdir):
     """The run's last checkpoint, restored onto one device."""
     setup = create_setup(config, 16, mesh=create_mesh(1))
-    state, _ = Checkpoints(workdir).restore(abstract_train_state(setup))
+    with Checkpoints(workdir, read_only=True) as checkpoints:
+        state, _ = checkpoints.restore(abstract_train_state(setup))
     return jax.tree.map(np.asarray, state)
 
 

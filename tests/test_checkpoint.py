@@ -13,7 +13,14 @@ import types
 import jax
 import numpy as np
 import pytest
-from helpers import assert_same_tree, latest_state, records_without_timings, run_cli, tiny_config
+from helpers import (
+    assert_same_tree,
+    checkpoint_steps,
+    latest_state,
+    records_without_timings,
+    run_cli,
+    tiny_config,
+)
 
 from jax_mnist.checkpoint import CheckpointMismatch, Checkpoints
 from jax_mnist.errors import UserError
@@ -26,12 +33,13 @@ def test_save_restore_round_trip_is_exact(tmp_path):
     setup = create_setup(config, steps_per_epoch=16)
     state = create_train_state(setup)
     state = state.replace(step=state.step + 7)
-    checkpoints = Checkpoints(tmp_path, keep=2)
-    checkpoints.save(state, {"step": 7, "epoch": 0.4}, config, val_accuracy=0.5)
-    restored, meta = checkpoints.restore(abstract_train_state(setup))
+    with Checkpoints(tmp_path, keep=2) as checkpoints:
+        checkpoints.save(state, {"step": 7, "epoch": 0.4}, config, val_accuracy=0.5)
+        restored, meta = checkpoints.restore(abstract_train_state(setup))
+        stored_config = checkpoints.read_config()
     assert meta["step"] == 7 and int(restored.step) == 7
     assert_same_tree(state, restored)
-    assert checkpoints.read_config() == config
+    assert stored_config == config
 
 
 def test_stop_and_resume_equals_straight_run_bit_for_bit(tmp_path, tiny_run_one_epoch):
@@ -51,12 +59,11 @@ def test_stop_and_resume_equals_straight_run_bit_for_bit(tmp_path, tiny_run_one_
 def test_checkpoint_every_steps_and_keep(tmp_path):
     # 16 steps per epoch: saves at every 5 steps and at each epoch end; keeps the last 4.
     train_and_evaluate(tiny_config(epochs=2, checkpoint_every_steps=5, keep=4), tmp_path / "a")
-    checkpoints = Checkpoints(tmp_path / "a")
-    assert checkpoints.steps() == [20, 25, 30, 32]
+    assert checkpoint_steps(tmp_path / "a") == [20, 25, 30, 32]
     epochs = [r for r in records_without_timings(tmp_path / "a") if r["kind"] == "epoch"]
     best = max(epochs, key=lambda r: r["val_accuracy"])
     assert epochs[0]["val_accuracy"] != epochs[1]["val_accuracy"]  # else "best" would be ambiguous
-    assert checkpoints.steps("best") == [best["step"]]
+    assert checkpoint_steps(tmp_path / "a", "best") == [best["step"]]
     assert load_model(tmp_path / "a").meta["step"] == best["step"]
 
 
@@ -74,9 +81,8 @@ def test_resume_without_checkpoint_is_an_error(tmp_path):
 
 
 def _damage_latest(workdir, how):
-    checkpoints = Checkpoints(workdir)
-    latest = max(checkpoints.steps())
-    step_dir = checkpoints.root / "latest" / str(latest) / "state"
+    latest = max(checkpoint_steps(workdir))
+    step_dir = workdir / "checkpoints" / "latest" / str(latest) / "state"
     files = sorted(p for p in step_dir.rglob("*") if p.is_file() and p.stat().st_size > 0)
     if how == "truncate":
         # Every array data file (OCDBT's d/ folders), whatever its size: how Orbax spreads
@@ -121,17 +127,16 @@ def test_a_restore_that_fails_otherwise_than_by_damage_is_loud_and_moves_nothing
     import orbax.checkpoint as ocp
 
     run = tiny_run_one_epoch.copy(tmp_path / "run")
-    checkpoints = Checkpoints(run)  # open for writing: damage would be moved aside
-    setup = create_setup(checkpoints.read_config(), steps_per_epoch=1)
 
     def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(ocp.CheckpointManager, "restore", fail)
-    with pytest.raises(type(error)):
-        checkpoints.restore(abstract_train_state(setup))
-    checkpoints.close()
-    assert Checkpoints(run).steps() == [16] and not (run / "checkpoints" / "damaged").exists()
+    with Checkpoints(run) as checkpoints:  # open for writing: damage would be moved aside
+        setup = create_setup(checkpoints.read_config(), steps_per_epoch=1)
+        monkeypatch.setattr(ocp.CheckpointManager, "restore", fail)
+        with pytest.raises(type(error)):
+            checkpoints.restore(abstract_train_state(setup))
+    assert checkpoint_steps(run) == [16] and not (run / "checkpoints" / "damaged").exists()
 
 
 def test_the_config_comes_from_the_newest_checkpoint_that_holds_a_readable_one(tmp_path, tiny_run):
@@ -249,7 +254,7 @@ def test_signal_mid_epoch_saves_and_resume_loses_nothing(tmp_path, signum, strai
         proc.kill()
     assert proc.returncode == 128 + signum, err
     assert "saved a checkpoint" in err and "--resume" in err and "Traceback" not in err
-    saved = Checkpoints(workdir).steps()
+    saved = checkpoint_steps(workdir)
     assert saved and 0 < max(saved) < 64  # mid-epoch 1 (64 steps per epoch)
 
     resumed = run_cli("train", "--workdir", str(workdir), "--resume")
@@ -307,7 +312,7 @@ def test_a_run_with_a_schedule_over_its_length_refuses_other_epochs(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "--epochs: " in result.stderr and "Resume with --epochs 1" in result.stderr
     assert records_without_timings(tmp_path / "run") == before
-    assert Checkpoints(tmp_path / "run").steps() == [16]
+    assert checkpoint_steps(tmp_path / "run") == [16]
 
 
 def test_logged_loss_covers_every_step_when_checkpoints_fall_between_log_points(tmp_path, tiny_run_one_epoch):
@@ -334,7 +339,7 @@ def test_a_damaged_latest_checkpoint_is_moved_aside_and_saved_anew(tmp_path, cap
     assert "Resuming from step 16" in out and final["step"] == 32
     assert (run / "checkpoints" / "damaged" / "latest-32" / "state").is_dir()
     # Step 32 is a good checkpoint again: evaluation and later resumes use it.
-    assert Checkpoints(run).steps() == [16, 32]
+    assert checkpoint_steps(run) == [16, 32]
     assert load_model(run, "latest").meta["step"] == 32
     assert_same_tree(latest_state(run), latest_state(straight))
     assert records_without_timings(run) == records_without_timings(straight)
@@ -362,7 +367,7 @@ def test_a_checkpoint_that_does_not_fit_is_a_mismatch_not_damage(tmp_path, tiny_
     with pytest.raises(CheckpointMismatch):
         train_and_evaluate(tiny_config(epochs=1, width=16), tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints" / "damaged").exists()
-    assert Checkpoints(tmp_path / "run").steps() == [16]
+    assert checkpoint_steps(tmp_path / "run") == [16]
 
 
 def _open_files_under(root):
@@ -397,7 +402,7 @@ def test_an_interrupted_run_closes_its_files(tmp_path):
     with pytest.raises(TrainingInterrupted):
         train_and_evaluate(tiny_config(epochs=4, log_every=1), workdir)
     thread.join()
-    assert Checkpoints(workdir).steps()  # it saved before stopping
+    assert checkpoint_steps(workdir)  # it saved before stopping
     assert list(workdir.glob("events.out.tfevents.*"))
     assert _open_files_under(tmp_path) == []
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import REPO, free_port, run_cli, tiny_config
+from helpers import REPO, checkpoint_steps, free_port, run_cli, tiny_config
 
 from jax_mnist import cli
 from jax_mnist.checkpoint import Checkpoints
@@ -91,7 +91,8 @@ def train_losses(workdir: Path) -> dict[int, float]:
 
 def checkpoint_params(config, workdir: Path, step: int):
     setup = create_setup(config, 16)
-    state, _ = Checkpoints(workdir).restore(abstract_train_state(setup), step)
+    with Checkpoints(workdir, read_only=True) as checkpoints:
+        state, _ = checkpoints.restore(abstract_train_state(setup), step)
     return jax.tree.map(np.asarray, state.params)
 
 
@@ -213,7 +214,7 @@ def test_a_signal_to_one_process_stops_both_after_the_same_step(tmp_path):
     lines = [out.strip().splitlines()[-1] for out in outputs]
     step = int(re.search(r"SIGTERM at step (\d+)", lines[0]).group(1))
     assert 16 < step < 320 and lines[0] == lines[1], lines
-    assert step in Checkpoints(run_dir).steps()
+    assert step in checkpoint_steps(run_dir)
 
 
 @pytest.mark.slow

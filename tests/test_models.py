@@ -64,9 +64,9 @@ def test_training_steps_lower_the_loss_and_evaluation_is_deterministic(name, bat
     np.testing.assert_allclose(predict(variables, batch[0][:1])[0], a[0], rtol=1e-4, atol=1e-4)
 
     # Parameters and batch statistics round-trip through a checkpoint exactly.
-    checkpoints = Checkpoints(tmp_path, keep=1)
-    checkpoints.save(state, {"step": 6, "epoch": 0.6}, config)
-    restored, _ = checkpoints.restore(train.abstract_train_state(setup))
+    with Checkpoints(tmp_path, keep=1) as checkpoints:
+        checkpoints.save(state, {"step": 6, "epoch": 0.6}, config)
+        restored, _ = checkpoints.restore(train.abstract_train_state(setup))
     for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
