@@ -5,6 +5,8 @@ once per session, and a real server. What tests import (``tiny_config``, ``run_c
 from __future__ import annotations
 
 import atexit
+import fcntl
+import json
 import os
 import shutil
 import subprocess
@@ -70,21 +72,25 @@ def lenet5_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def seed_cnn_cli_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """``jax-mnist train --epochs 1`` as a user runs it (the seed CNN, the whole training split,
-    output a pipe): the run directory and the finished command. About a minute on 2 cores."""
-    workdir = tmp_path_factory.mktemp("seed-cnn") / "run"
-    result = run_cli("train", "--epochs", "1", "--workdir", str(workdir))
-    assert result.returncode == 0, result.stderr
-    return workdir, result
+    output a pipe): the run directory and the finished command. About a minute on 2 cores.
 
-
-@pytest.fixture(scope="session")
-def default_run(tmp_path_factory) -> Path:
-    """A run of ``jax-mnist train`` with the default flags (the seed CNN, 5 epochs): about
-    2.5 minutes on 2 idle cores, trained once for every test that needs a good model."""
-    workdir = tmp_path_factory.mktemp("default") / "run"
-    result = run_cli("train", "--workdir", str(workdir), "--progress", "plain", timeout=1800)
-    assert result.returncode == 0, result.stderr
-    return workdir
+    Trained once per test session rather than once per worker: the first pytest-xdist worker
+    that needs it trains it in the session's folder (above every worker's own) under a lock the
+    others wait on, and writes the command's outcome next to it for them to read.
+    """
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    workdir, outcome = shared / "seed-cnn" / "run", shared / "seed-cnn" / "command.json"
+    with open(shared / "seed-cnn.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released on close, or when the holder dies
+        if not outcome.exists():
+            shutil.rmtree(workdir.parent, ignore_errors=True)  # what a failed try left
+            result = run_cli("train", "--epochs", "1", "--workdir", str(workdir))
+            assert result.returncode == 0, result.stderr
+            fields = ("args", "returncode", "stdout", "stderr")
+            outcome.write_text(json.dumps({name: getattr(result, name) for name in fields}))
+    return workdir, subprocess.CompletedProcess(**json.loads(outcome.read_text()))
 
 
 @pytest.fixture(scope="session")
