@@ -74,7 +74,7 @@ def test_mnist_jax_is_the_seed_pipeline_in_one_readable_file(tmp_path):
     script = REPO / "mnist_jax.py"
     assert len(script.read_text().splitlines()) <= 150
     # Run as docs/getting-started.md suggests on a CPU: the gradient convolutions through Eigen
-    # rather than YNNPACK, as `jax-mnist train` runs them (1.8x faster on JAX 0.10.2's XLA:CPU).
+    # rather than YNNPACK, as `jax-mnist train` runs them (faster: docs/performance.md).
     # Nothing is added where this XLA does not know the option, or on another backend.
     xla_flags = [os.environ.get("XLA_FLAGS", "")]
     xla_flags += [f"--{name}={value}" for name, value in training_compiler_options().items()]
