@@ -1,24 +1,4 @@
-"""Checkpoints with Orbax: the latest few and the best by validation accuracy.
-
-Layout of a run directory::
-
-    config.json              the resolved config of the run
-    metrics.jsonl            one JSON record per log point, epoch and test evaluation
-    checkpoints/latest/<step>/{state,meta,config}   the last --keep checkpoints
-    checkpoints/best/<step>/{state,meta,config}     the one with the best validation accuracy
-
-Orbax writes each checkpoint into a temporary folder and renames it when complete, so a save
-cut short is never taken for a checkpoint. Restoring tells two failures apart:
-
-- a checkpoint that is *damaged* after the fact (a file truncated or deleted) fails to read;
-  :meth:`Checkpoints.restore` says so and falls back to the next older one. When the run is
-  open for writing (training), the damaged checkpoint is moved to ``checkpoints/damaged/``
-  (and the move is reported), so that training saves that step anew instead of finding it
-  taken;
-- a checkpoint that *does not fit* (its arrays have other names or shapes than the model the
-  config describes: another model definition or package version) is intact, so nothing is
-  moved and no older checkpoint is tried: the error names the first difference.
-"""
+"""The checkpoints of a run directory: saving, restoring, falling back past damage."""
 
 from __future__ import annotations
 
@@ -26,13 +6,16 @@ import contextlib
 import os
 import re
 import shutil
+import zlib
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
-from jax_mnist.backend import (
+from jax_mnist.checkpoint.damage import ChecksumMismatch, damage, describe
+from jax_mnist.checkpoint.hooks import (
     keep_silencing_reads_left_in_flight,
     keeping_filters_on_failure,
     silence_reads_left_in_flight,
@@ -44,15 +27,8 @@ from jax_mnist.errors import UserError, WriteError
 # versions with a timestamp after it): renamed to its step when complete.
 UNFINISHED = "*.orbax-checkpoint-tmp*"
 
-# What reading a damaged checkpoint raises, on every JAX and Orbax this package supports:
-# TensorStore's errors are ValueErrors (a data file truncated or altered, the OCDBT manifest
-# gone: "OUT_OF_RANGE: ...", "NOT_FOUND: ..."), a file deleted is a FileNotFoundError (or
-# another OSError as the disk fails), Orbax's JSON files that do not parse are
-# json.JSONDecodeErrors (ValueErrors too). Anything else (out of memory, a sharding bug) is not
-# taken for damage: it propagates and the checkpoint stays where it is.
-DAMAGE_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError)
-# Reading the config item: a checkpoint without one raises KeyError too.
-_CONFIG_ERRORS: tuple[type[Exception], ...] = (*DAMAGE_ERRORS, KeyError)
+# Where a checkpoint's meta keeps the CRC-32 of each array saved (see array_checksums).
+CHECKSUMS = "checksums"
 
 
 class CheckpointMismatch(UserError):
@@ -62,11 +38,20 @@ class CheckpointMismatch(UserError):
 def _manager(
     directory: Path, keep: int, *, best: bool, read_only: bool, async_save: bool
 ) -> ocp.CheckpointManager:
+    val_accuracy = (lambda metrics: metrics["val_accuracy"]) if best else None
+    policy = (
+        ocp.checkpoint_managers.BestN(
+            get_metric_fn=val_accuracy, n=keep, keep_checkpoints_without_metrics=False
+        )
+        if best
+        else ocp.checkpoint_managers.LatestN(n=keep)
+    )
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
-        best_fn=(lambda metrics: metrics["val_accuracy"]) if best else None,
+        # What is kept (Orbax's preservation policy; max_to_keep is deprecated), and how the
+        # best is told (best_fn, read by best_step()).
+        preservation_policy=policy,
+        best_fn=val_accuracy,
         best_mode="max",
-        keep_checkpoints_without_metrics=not best,
         create=not read_only,
         read_only=read_only,
         cleanup_tmp_directories=not read_only,
@@ -131,6 +116,7 @@ class Checkpoints:
           val_accuracy: when given, the checkpoint also competes for best.
         """
         step = int(meta["step"])
+        meta = {**meta, CHECKSUMS: array_checksums(state)}
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             meta=ocp.args.JsonSave(meta),
@@ -181,7 +167,10 @@ class Checkpoints:
             # reading its file directly took 0.3 ms: nothing beside loading a model).
             try:
                 stored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-            except _CONFIG_ERRORS:
+            except Exception as e:
+                # No config item (KeyError) or a damaged one: the next checkpoint's will do.
+                if not isinstance(e, KeyError) and damage(e) is None:
+                    raise
                 continue
             return Config.from_dict(dict(stored), source=str(Path(manager.directory) / str(step) / "config"))
         raise UserError(f"{self.root}: no readable checkpoint; train again or pass another run directory")
@@ -220,8 +209,11 @@ class Checkpoints:
             try:
                 stored = handler.metadata(state_dir).tree
                 problem = None
-            except DAMAGE_ERRORS as e:
-                stored, problem = None, f"its array metadata cannot be read: {_first_line(e)}"
+            except Exception as e:
+                found = damage(e)
+                if found is None:
+                    raise
+                stored, problem = None, f"its array metadata cannot be read: {describe(found)}"
             finally:
                 handler.close()
             if stored is not None:
@@ -246,9 +238,14 @@ class Checkpoints:
                         step, args=ocp.args.Composite(state=restore_args, meta=ocp.args.JsonRestore())
                     )
                     jax.block_until_ready(restored.state)
-                    return restored.state, dict(restored.meta)
-                except DAMAGE_ERRORS as e:
-                    problem = _first_line(e)
+                    meta = dict(restored.meta)
+                    check_arrays(restored.state, meta.pop(CHECKSUMS, None))
+                    return restored.state, meta
+                except Exception as e:
+                    found = damage(e)
+                    if found is None:
+                        raise
+                    problem = describe(found)
             # Orbax gave up on this checkpoint with reads still in flight, which end (or are
             # collected) at any later time, up to the process's exit.
             keep_silencing_reads_left_in_flight()
@@ -343,13 +340,59 @@ def _subfolders(path: Path) -> list[Path]:
     return [d for d in path.iterdir() if d.is_dir()] if path.is_dir() else []
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
-
-
 def _path_names(path: tuple) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _leaves(tree: Any) -> list[tuple[str, Any]]:
+    return [(_path_names(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _host_copy(leaf: Any) -> np.ndarray | None:
+    """A leaf's whole value on the host, or None where this process holds only a part of it."""
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        if not leaf.sharding.is_fully_replicated:
+            return None
+        leaf = leaf.addressable_data(0)
+    return np.asarray(leaf)
+
+
+def array_checksums(tree: Any) -> dict[str, str]:
+    """The CRC-32 of each array of ``tree``, by its path (``params/conv1/kernel``).
+
+    Stored in a checkpoint's meta when it is saved, and checked by :func:`check_arrays` when it
+    is restored: a byte altered inside a data file that TensorStore reads without complaint
+    (an uncompressed chunk has no checksum of its own) would otherwise restore as other numbers.
+    An array this process holds only a part of (sharded over several processes) is left out.
+
+    Args:
+      tree: a pytree of arrays of any shapes and dtypes.
+
+    Returns:
+      ``{path: "crc32 as 8 hex digits, of the shape, the dtype and the bytes"}``.
+    """
+    sums = {}
+    for name, leaf in _leaves(tree):
+        value = _host_copy(leaf)
+        if value is not None:
+            value = np.ascontiguousarray(value)
+            head = f"{value.shape}{value.dtype.str}".encode()
+            sums[name] = f"{zlib.crc32(value.reshape(-1).view(np.uint8), zlib.crc32(head)):08x}"
+    return sums
+
+
+def check_arrays(tree: Any, checksums: dict[str, str] | None) -> None:
+    """Checks restored arrays against the checksums stored with them (none: nothing to check).
+
+    Raises:
+      ChecksumMismatch: an array differs from what was saved.
+    """
+    if not checksums:
+        return  # saved before checkpoints carried checksums
+    found = array_checksums(tree)
+    for name, crc in found.items():
+        if name in checksums and checksums[name] != crc:
+            raise ChecksumMismatch(f"{name}: the bytes read differ from the checksum stored at its save")
 
 
 def tree_difference(stored: Any, abstract: Any, *, partial: bool = False) -> str | None:
