@@ -209,6 +209,26 @@ def _abandon_a_failed_task(read) -> None:
     loop.close()
 
 
+def _abandon_a_failed_future(error) -> None:
+    """A future that failed with ``error``, dropped unread: asyncio reports it ("Future exception
+    was never retrieved") when it is collected, as TensorStore's reads a damaged checkpoint
+    leaves behind."""
+    loop = asyncio.new_event_loop()
+    future = loop.create_future()
+    future.set_exception(error)
+    del future
+    gc.collect()
+    loop.close()
+
+
+def test_damaged_reads_abandoned_as_asyncio_futures_are_not_reported_while_silenced(caplog):
+    with caplog.at_level(logging.ERROR, logger="asyncio"), hooks.silence_reads_left_in_flight():
+        _abandon_a_failed_future(ValueError('DATA_LOSS: Error reading "step/.zarray" in OCDBT database'))
+        _abandon_a_failed_future(ValueError("an error of ours"))
+    reported = [str(r.exc_info[1]) for r in caplog.records if r.name == "asyncio" and r.exc_info]
+    assert reported == ["an error of ours"]
+
+
 def test_reads_orbax_abandoned_as_asyncio_tasks_are_not_reported_while_silenced(caplog):
     # A coroutine of Orbax's, as a damaged checkpoint leaves them: its code lives under orbax/.
     orbax_code = {}

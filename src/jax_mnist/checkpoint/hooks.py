@@ -16,14 +16,26 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from jax_mnist.checkpoint.damage import damage
+
 
 class _AbandonedOrbaxTasks(logging.Filter):
-    """Drops asyncio's report of a collected task whose error came from Orbax's code."""
+    """Drops asyncio's report of a collected task or future whose error came from Orbax's code
+    or is a damaged checkpoint's (a TensorStore read that failed, raised from C++ code)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error, traceback = record.exc_info[1:] if record.exc_info else (None, None)
-        abandoned = str(record.msg).startswith("Task exception was never retrieved")
-        return not (abandoned and (_closed_loop(error) or _from_orbax(traceback)))
+        abandoned = str(record.msg).startswith(
+            ("Task exception was never retrieved", "Future exception was never retrieved")
+        )
+        return not (
+            abandoned
+            and (
+                _closed_loop(error)
+                or _from_orbax(traceback)
+                or (error is not None and damage(error) is not None)
+            )
+        )
 
 
 class _Filters:

@@ -99,7 +99,41 @@ class Checkpoints:
         self.latest = _manager(
             self.root / "latest", keep, best=False, read_only=read_only, async_save=async_save
         )
-        self.best = _manager(self.root / "best", 1, best=True, read_only=read_only, async_save=async_save)
+        # Notes for the first restore's warn: what was found damaged while opening.
+        self._notes: list[str] = []
+        self.best: ocp.CheckpointManager | None = self._open_best(async_save)
+
+    def _open_best(self, async_save: bool) -> ocp.CheckpointManager | None:
+        """The manager of ``best``; None (read-only) when its metrics files are damaged.
+
+        Orbax reads every checkpoint's metrics when it opens the folder, so a damaged one fails
+        the opening itself. Open for writing, the folder is moved to ``checkpoints/damaged/``
+        and started anew (the latest checkpoints are untouched).
+        """
+        directory = self.root / "best"
+        try:
+            return _manager(directory, 1, best=True, read_only=self.read_only, async_save=async_save)
+        except Exception as e:
+            found = damage(e)
+            if found is None:
+                raise
+            note = f"warning: checkpoint {directory} is damaged ({describe(found)})"
+        if self.read_only:
+            self._notes.append(f"{note}; trying the latest ones")
+            return None
+        target = self._damaged_name("best")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(directory, target)
+        self._notes.append(f"{note}; moved it to {target}")
+        return _manager(directory, 1, best=True, read_only=False, async_save=async_save)
+
+    def _damaged_name(self, name: str) -> Path:
+        target = self.root / "damaged" / name
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.root / "damaged" / f"{name}.{n}"
+        return target
 
     def save(
         self, state: Any, meta: dict[str, Any], config: Config, *, val_accuracy: float | None = None
@@ -125,7 +159,7 @@ class Checkpoints:
         with keeping_filters_on_failure():
             if step not in self.latest.all_steps():
                 self.latest.save(step, args=args, force=True)
-            if val_accuracy is not None and step not in self.best.all_steps():
+            if val_accuracy is not None and self.best is not None and step not in self.best.all_steps():
                 self.best.save(step, args=args, metrics={"val_accuracy": val_accuracy}, force=True)
 
     def wait(self) -> None:
@@ -134,35 +168,38 @@ class Checkpoints:
             try:
                 self.latest.wait_until_finished()
             finally:
-                self.best.wait_until_finished()
+                if self.best is not None:
+                    self.best.wait_until_finished()
 
     def steps(self, kind: str = "latest") -> list[int]:
-        return sorted(self._manager(kind).all_steps())
+        manager = self.best if kind == "best" else self.latest
+        return sorted(manager.all_steps()) if manager is not None else []
 
-    def _manager(self, kind: str) -> ocp.CheckpointManager:
-        return self.best if kind == "best" else self.latest
+    def _managers(self) -> list[ocp.CheckpointManager]:
+        return [m for m in (self.latest, self.best) if m is not None]
 
-    def _candidates(self, which: str | int) -> tuple[ocp.CheckpointManager, list[int]]:
+    def _candidates(self, which: str | int) -> list[tuple[ocp.CheckpointManager, int]]:
+        """The checkpoints ``which`` names, in the order to try them (the next when one is damaged)."""
         if isinstance(which, int) or str(which).isdigit():
             step = int(which)
-            for manager in (self.latest, self.best):
+            for manager in self._managers():
                 if step in manager.all_steps():
-                    return manager, [step]
+                    return [(manager, step)]
             raise UserError(
                 f"{self.root}: no checkpoint at step {step}; there are "
-                f"{sorted(set(self.latest.all_steps()) | set(self.best.all_steps()))}"
+                f"{sorted({s for m in self._managers() for s in m.all_steps()})}"
             )
+        latest = [(self.latest, step) for step in sorted(self.latest.all_steps(), reverse=True)]
         if which == "best":
-            best = self.best.best_step()
-            if best is not None:
-                return self.best, [best]
-            which = "latest"  # trained without a validation split: the latest is the best we have
-        return self.latest, sorted(self.latest.all_steps(), reverse=True)
+            best = self.best.best_step() if self.best is not None else None
+            # Then the latest ones: with the best damaged, the newest intact weights are next.
+            # Without a validation split there is no best: the latest is the best we have.
+            return ([(self.best, best)] if best is not None else []) + latest
+        return latest
 
     def read_config(self, which: str | int = "latest") -> Config:
         """The config stored with a checkpoint (the first readable one, newest first)."""
-        manager, steps = self._candidates(which)
-        for step in steps:
+        for manager, step in self._candidates(which):
             # The config item alone, through Orbax (about 15 ms a checkpoint on a CPU, where
             # reading its file directly took 0.3 ms: nothing beside loading a model).
             try:
@@ -180,6 +217,9 @@ class Checkpoints:
     ) -> tuple[Any, dict[str, Any]] | None:
         """Restores the newest intact checkpoint of ``which`` (``latest``, ``best`` or a step).
 
+        A damaged checkpoint is reported through ``warn`` and the next one is tried: an older
+        one, or after a damaged ``best``, the latest ones, newest first.
+
         Args:
           abstract_state: a pytree of ``jax.ShapeDtypeStruct`` (with shardings) to restore into.
           partial: restore only the entries of ``abstract_state`` (a dict naming some of the
@@ -195,13 +235,16 @@ class Checkpoints:
           UserError: every checkpoint there is damaged.
         """
         self.wait()  # nothing is moved aside, or read, while it is being written
-        manager, steps = self._candidates(which)
-        if not steps:
+        for note in self._notes:
+            warn(note)
+        self._notes.clear()
+        candidates = self._candidates(which)
+        if not candidates:
             return None
-        kind = "best" if manager is self.best else "latest"
         # Before the first read: a damaged file can fail a read while others are in flight.
         self._filter_stray_reads()
-        for step in steps:
+        for manager, step in candidates:
+            kind = "best" if manager is self.best else "latest"
             state_dir = Path(manager.directory) / str(step) / "state"
             # The handler rather than a Checkpointer, whose metadata() turns the errors of a
             # damaged checkpoint into no metadata, without saying which.
@@ -249,7 +292,7 @@ class Checkpoints:
             # Orbax gave up on this checkpoint with reads still in flight, which end (or are
             # collected) at any later time, up to the process's exit.
             keep_silencing_reads_left_in_flight()
-            warn(f"warning: checkpoint {state_dir.parent} is damaged ({problem}); trying an older one")
+            warn(f"warning: checkpoint {state_dir.parent} is damaged ({problem}); trying the next one")
             if not self.read_only:
                 self._quarantine(manager, kind, step, warn)
         advice = (
@@ -257,16 +300,12 @@ class Checkpoints:
             if not self.read_only
             else "`jax-mnist train --workdir` on this run moves them aside"
         )
-        raise UserError(f"{manager.directory}: every checkpoint is damaged ({advice})")
+        raise UserError(f"{self.root}: every checkpoint is damaged ({advice})")
 
     def _quarantine(self, manager: ocp.CheckpointManager, kind: str, step: int, warn) -> None:
         """Moves a damaged checkpoint out of the manager's sight, so its step can be saved anew."""
         source = Path(manager.directory) / str(step)
-        target = self.root / "damaged" / f"{kind}-{step}"
-        n = 1
-        while target.exists():
-            n += 1
-            target = self.root / "damaged" / f"{kind}-{step}.{n}"
+        target = self._damaged_name(f"{kind}-{step}")
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(source, target)
         manager.reload()
@@ -297,7 +336,8 @@ class Checkpoints:
                 self.latest.close()
             finally:
                 try:
-                    self.best.close()
+                    if self.best is not None:
+                        self.best.close()
                 finally:
                     self._filtering = False
                     self._filters.close()
