@@ -83,6 +83,26 @@ def _files(step_dir: Path) -> list[str]:
     return sorted(str(p.relative_to(step_dir)) for p in step_dir.rglob("*") if p.is_file())
 
 
+def _label(step_dir: Path, name: str) -> str:
+    """A file's name for the matrix: data files (named by a hash that differs from run to run)
+    by their rank in size within their folder."""
+    path = step_dir / name
+    if path.parent.name != "d":
+        return f"`{name}`"
+    sizes = sorted((p.stat().st_size for p in path.parent.iterdir()), reverse=True)
+    folder = path.parent.relative_to(step_dir)
+    return f"`{folder}/` data file {sizes.index(path.stat().st_size) + 1} of {len(sizes)} by size"
+
+
+def _cell(outcome: str, lines: list[str]) -> str:
+    """``8`` (intact), ``4 ⚠`` (after a note), ``4 ⚠ crc`` (the note is a checksum's), ``none``."""
+    if not lines:
+        return outcome.removeprefix("step ")
+    return (
+        outcome.removeprefix("step ") + " ⚠" + (" crc" if any("checksum" in line for line in lines) else "")
+    )
+
+
 def _one_line_each(lines: list[str]) -> None:
     for line in lines:
         assert "\n" not in line.strip() and line.startswith("warning: "), line
@@ -130,16 +150,22 @@ def test_every_file_of_the_latest_checkpoint_damaged(tmp_path, run, how):
         damage(copy / "checkpoints" / "latest" / "8" / name, how)
         lines: list[str] = []
         loaded = _load_for_inference(copy, "latest", good, lines)
-        resumed = _restore_for_training(copy, good, lines)
-        _one_line_each(lines)
+        train_lines: list[str] = []
+        resumed = _restore_for_training(copy, good, train_lines)
+        _one_line_each(lines + train_lines)
         # Whatever is not step 8 was reported; a step-8 checkpoint is the intact one.
         for outcome in (loaded, resumed):
             assert outcome in ("step 8", "step 4"), (name, how, outcome)
             if outcome == "step 4":
-                assert any("checkpoints/latest/8 is damaged" in line for line in lines), (name, how)
+                assert any("checkpoints/latest/8 is damaged" in line for line in lines + train_lines), (
+                    name,
+                    how,
+                )
         if resumed == "step 4":  # moved aside, so that training saves step 8 anew
             assert (copy / "checkpoints" / "damaged" / "latest-8").is_dir()
-        MATRIX["latest", name, how] = f"{loaded} / {resumed}"
+        MATRIX["latest", _label(step_dir, name), how] = (
+            f"{_cell(loaded, lines)} / {_cell(resumed, train_lines)}"
+        )
         shutil.rmtree(copy)
 
 
@@ -155,9 +181,9 @@ def test_every_file_of_the_best_checkpoint_damaged(tmp_path, run, how):
         lines: list[str] = []
         loaded = _load_for_inference(copy, "best", good, lines)
         _one_line_each(lines)
-        # The best, intact; or past the damaged best, the newest latest one.
-        assert loaded in (f"step {step}", "step 8"), (name, how, loaded)
-        MATRIX["best", name, how] = loaded
+        # The best, intact; or past the damaged best (one note), the newest latest one.
+        assert loaded == f"step {step}" if not lines else loaded == "step 8", (name, how, loaded)
+        MATRIX["best", _label(step_dir, name), how] = _cell(loaded, lines)
         shutil.rmtree(copy)
 
 
@@ -236,5 +262,5 @@ def test_write_the_matrix(request):
         names = sorted({name for k, name, _ in MATRIX if k == kind})
         for name in names:
             cells = [MATRIX.get((kind, name, how), "?") for how in DAMAGES]
-            rows.append(f"| {kind} | `{name}` | " + " | ".join(cells) + " |")
+            rows.append(f"| {kind} | {name} | " + " | ".join(cells) + " |")
     Path(target).write_text("\n".join(rows) + "\n")

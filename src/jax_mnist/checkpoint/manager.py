@@ -74,6 +74,15 @@ def _manager(
 class Checkpoints:
     """The checkpoints of one run directory.
 
+    Two Orbax managers, ``latest`` (``LatestN``) and ``best`` (``BestN`` by validation
+    accuracy), so a save with a validation score is written twice (the second write runs in
+    the background too: see ``benchmarks/checkpoint_costs.py``). One manager keeping both
+    (``AnyPreservationPolicy`` of the two over one folder) would write it once, but Orbax reads
+    every checkpoint's metrics when it opens a folder: one damaged metrics file would then
+    stop the opening of the folder training resumes from, where now it costs only ``best``
+    (moved aside); that folder would hold an older best beside the latest ``--keep``; and the
+    run directories written so far keep a ``best`` folder to read as it is.
+
     Args:
       workdir: the run directory.
       keep: how many of the latest checkpoints to keep.
@@ -417,7 +426,7 @@ def array_checksums(tree: Any) -> dict[str, str]:
         if value is not None:
             value = np.ascontiguousarray(value)
             head = f"{value.shape}{value.dtype.str}".encode()
-            sums[name] = f"{zlib.crc32(value.reshape(-1).view(np.uint8), zlib.crc32(head)):08x}"
+            sums[name] = f"{zlib.crc32(value.reshape(-1).view(np.uint8).data, zlib.crc32(head)):08x}"
     return sums
 
 
