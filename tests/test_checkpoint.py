@@ -488,3 +488,43 @@ def test_tree_difference_counts_empty_fields_as_structure():
         tree_difference(stored, {"params": {"w": wider}, "ema": {}})
         == "params/w: stored (3, 2), expected (3, 4)"
     )
+
+
+def _raised(error: BaseException, cause: BaseException | None) -> BaseException:
+    """``error`` raised ``from cause``, as Orbax wraps what fails underneath."""
+    try:
+        raise error from cause
+    except BaseException as e:
+        return e
+
+
+def test_damage_is_told_by_the_chain_of_causes_not_the_outer_type():
+    from jax_mnist.checkpoint import damage
+
+    read = ValueError('OUT_OF_RANGE: Error reading "params.conv1.bias/0" in OCDBT database')
+    wrapped = _raised(Exception("Encountered error while reading array index"), read)
+    assert damage(wrapped) is read
+    assert damage(_raised(Exception("wrapped"), FileNotFoundError("state/_METADATA"))) is not None
+    assert damage(_raised(Exception("wrapped"), json.JSONDecodeError("Expecting value", "", 0))) is not None
+    # Not damage: out of memory anywhere in the chain, a sharding error, a ValueError of a bug.
+    assert damage(_raised(Exception("wrapped"), MemoryError())) is None
+    assert damage(_raised(MemoryError(), read)) is None
+    assert damage(_raised(Exception("wrapped"), RuntimeError("sharding: 2 devices, mesh of 4"))) is None
+    assert damage(ValueError("too many values to unpack")) is None
+    assert damage(ValueError("RESOURCE_EXHAUSTED: out of memory")) is None
+
+
+def test_checksums_cover_every_dtype_and_catch_one_changed_value():
+    import jax.numpy as jnp
+
+    from jax_mnist.checkpoint import ChecksumMismatch, array_checksums, check_arrays
+
+    tree = {"w": jnp.ones((3, 2), jnp.bfloat16), "step": jnp.int32(5), "none": jnp.zeros((0,))}
+    sums = array_checksums(tree)
+    assert set(sums) == {"w", "step", "none"}
+    check_arrays(tree, sums)
+    check_arrays(tree, None)  # a checkpoint saved before checksums: nothing to check
+    with pytest.raises(ChecksumMismatch, match=r"^w: "):
+        check_arrays({**tree, "w": tree["w"].at[0, 0].set(2)}, sums)
+    # The shape counts too: the same bytes in another shape are other arrays.
+    assert array_checksums({"w": tree["w"].reshape(2, 3)})["w"] != sums["w"]
