@@ -246,14 +246,13 @@ def test_reads_orbax_abandoned_as_asyncio_tasks_are_not_reported_while_silenced(
 
     installed_before = hooks._installed_filters() is not None
     with caplog.at_level(logging.ERROR, logger="asyncio"), hooks.silence_reads_left_in_flight():
+        installed = hooks._installed_filters()
         _abandon_a_failed_task(orbax_code["read"])
         _abandon_a_failed_task(ours)
     reported = [str(r.exc_info[1]) for r in caplog.records if r.name == "asyncio" and r.exc_info]
     assert reported == ["an error of ours"]
     if not installed_before:  # given back: asyncio's logger reports every task again
-        assert not any(
-            isinstance(f, hooks._AbandonedOrbaxTasks) for f in logging.getLogger("asyncio").filters
-        )
+        assert installed.abandoned_tasks not in logging.getLogger("asyncio").filters
 
 
 def test_evaluate_missing_run_is_a_clear_error(tmp_path):
