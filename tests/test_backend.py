@@ -3,11 +3,7 @@ the scan-or-unroll choice, the compiler options, and each private JAX name with 
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import gc
-import logging
-import os
 
 import jax
 import jax.numpy as jnp
@@ -164,42 +160,3 @@ def test_xla_debug_options_are_read_and_a_compile_is_the_fallback(monkeypatch):
         assert backend.training_compiler_options() == expected
     finally:
         backend.training_compiler_options.cache_clear()
-
-
-def _abandon_a_failed_task(read) -> None:
-    """Runs ``read()`` as an asyncio task that fails, and drops it without looking at its error:
-    asyncio reports it ("Task exception was never retrieved") when the task is collected."""
-    loop = asyncio.new_event_loop()
-    task = loop.create_task(read())
-    loop.run_until_complete(asyncio.sleep(0.01))
-    assert task.done()
-    del task
-    gc.collect()
-    loop.close()
-
-
-def test_reads_orbax_abandoned_as_asyncio_tasks_are_not_reported_while_silenced(caplog):
-    # A coroutine of Orbax's, as a damaged checkpoint leaves them: its code lives under orbax/.
-    orbax_code = {}
-    exec(
-        compile(
-            "async def read():\n    raise ValueError('OUT_OF_RANGE: a damaged file')\n",
-            os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "read.py"),
-            "exec",
-        ),
-        orbax_code,
-    )
-
-    async def ours():
-        raise ValueError("an error of ours")
-
-    installed_before = backend._installed_filters() is not None
-    with caplog.at_level(logging.ERROR, logger="asyncio"), backend.silence_reads_left_in_flight():
-        _abandon_a_failed_task(orbax_code["read"])
-        _abandon_a_failed_task(ours)
-    reported = [str(r.exc_info[1]) for r in caplog.records if r.name == "asyncio" and r.exc_info]
-    assert reported == ["an error of ours"]
-    if not installed_before:  # given back: asyncio's logger reports every task again
-        assert not any(
-            isinstance(f, backend._AbandonedOrbaxTasks) for f in logging.getLogger("asyncio").filters
-        )

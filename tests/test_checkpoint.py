@@ -1,6 +1,9 @@
 """Checkpoints on real files: exact round trips, exact resume, damage, Ctrl-C."""
 
+import asyncio
+import gc
 import json
+import logging
 import os
 import shutil
 import signal
@@ -22,7 +25,7 @@ from helpers import (
     tiny_config,
 )
 
-from jax_mnist.checkpoint import CheckpointMismatch, Checkpoints
+from jax_mnist.checkpoint import CheckpointMismatch, Checkpoints, hooks
 from jax_mnist.errors import UserError
 from jax_mnist.inference import load_model
 from jax_mnist.train import abstract_train_state, create_setup, create_train_state, train_and_evaluate
@@ -159,7 +162,7 @@ def _hooks():
 def test_the_hooks_filter_stray_reads_while_checkpoints_are_open_and_are_given_back_at_close(
     tmp_path, monkeypatch
 ):
-    from jax_mnist.backend import keep_silencing_reads_left_in_flight
+    from jax_mnist.checkpoint.hooks import keep_silencing_reads_left_in_flight
 
     seen = []
     monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(("unraisable", u.exc_value)))
@@ -192,6 +195,64 @@ def test_the_hooks_filter_stray_reads_while_checkpoints_are_open_and_are_given_b
         keep_silencing_reads_left_in_flight()
     report(closed_loop)
     assert seen == everywhere * 2 and _hooks() != before
+
+
+def _abandon_a_failed_task(read) -> None:
+    """Runs ``read()`` as an asyncio task that fails, and drops it without looking at its error:
+    asyncio reports it ("Task exception was never retrieved") when the task is collected."""
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(read())
+    loop.run_until_complete(asyncio.sleep(0.01))
+    assert task.done()
+    del task
+    gc.collect()
+    loop.close()
+
+
+def _abandon_a_failed_future(error) -> None:
+    """A future that failed with ``error``, dropped unread: asyncio reports it ("Future exception
+    was never retrieved") when it is collected, as TensorStore's reads a damaged checkpoint
+    leaves behind."""
+    loop = asyncio.new_event_loop()
+    future = loop.create_future()
+    future.set_exception(error)
+    del future
+    gc.collect()
+    loop.close()
+
+
+def test_damaged_reads_abandoned_as_asyncio_futures_are_not_reported_while_silenced(caplog):
+    with caplog.at_level(logging.ERROR, logger="asyncio"), hooks.silence_reads_left_in_flight():
+        _abandon_a_failed_future(ValueError('DATA_LOSS: Error reading "step/.zarray" in OCDBT database'))
+        _abandon_a_failed_future(ValueError("an error of ours"))
+    reported = [str(r.exc_info[1]) for r in caplog.records if r.name == "asyncio" and r.exc_info]
+    assert reported == ["an error of ours"]
+
+
+def test_reads_orbax_abandoned_as_asyncio_tasks_are_not_reported_while_silenced(caplog):
+    # A coroutine of Orbax's, as a damaged checkpoint leaves them: its code lives under orbax/.
+    orbax_code = {}
+    exec(
+        compile(
+            "async def read():\n    raise ValueError('OUT_OF_RANGE: a damaged file')\n",
+            os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "read.py"),
+            "exec",
+        ),
+        orbax_code,
+    )
+
+    async def ours():
+        raise ValueError("an error of ours")
+
+    installed_before = hooks._installed_filters() is not None
+    with caplog.at_level(logging.ERROR, logger="asyncio"), hooks.silence_reads_left_in_flight():
+        installed = hooks._installed_filters()
+        _abandon_a_failed_task(orbax_code["read"])
+        _abandon_a_failed_task(ours)
+    reported = [str(r.exc_info[1]) for r in caplog.records if r.name == "asyncio" and r.exc_info]
+    assert reported == ["an error of ours"]
+    if not installed_before:  # given back: asyncio's logger reports every task again
+        assert installed.abandoned_tasks not in logging.getLogger("asyncio").filters
 
 
 def test_evaluate_missing_run_is_a_clear_error(tmp_path):
@@ -426,3 +487,43 @@ def test_tree_difference_counts_empty_fields_as_structure():
         tree_difference(stored, {"params": {"w": wider}, "ema": {}})
         == "params/w: stored (3, 2), expected (3, 4)"
     )
+
+
+def _raised(error: BaseException, cause: BaseException | None) -> BaseException:
+    """``error`` raised ``from cause``, as Orbax wraps what fails underneath."""
+    try:
+        raise error from cause
+    except BaseException as e:
+        return e
+
+
+def test_damage_is_told_by_the_chain_of_causes_not_the_outer_type():
+    from jax_mnist.checkpoint import damage
+
+    read = ValueError('OUT_OF_RANGE: Error reading "params.conv1.bias/0" in OCDBT database')
+    wrapped = _raised(Exception("Encountered error while reading array index"), read)
+    assert damage(wrapped) is read
+    assert damage(_raised(Exception("wrapped"), FileNotFoundError("state/_METADATA"))) is not None
+    assert damage(_raised(Exception("wrapped"), json.JSONDecodeError("Expecting value", "", 0))) is not None
+    # Not damage: out of memory anywhere in the chain, a sharding error, a ValueError of a bug.
+    assert damage(_raised(Exception("wrapped"), MemoryError())) is None
+    assert damage(_raised(MemoryError(), read)) is None
+    assert damage(_raised(Exception("wrapped"), RuntimeError("sharding: 2 devices, mesh of 4"))) is None
+    assert damage(ValueError("too many values to unpack")) is None
+    assert damage(ValueError("RESOURCE_EXHAUSTED: out of memory")) is None
+
+
+def test_checksums_cover_every_dtype_and_catch_one_changed_value():
+    import jax.numpy as jnp
+
+    from jax_mnist.checkpoint import ChecksumMismatch, array_checksums, check_arrays
+
+    tree = {"w": jnp.ones((3, 2), jnp.bfloat16), "step": jnp.int32(5), "none": jnp.zeros((0,))}
+    sums = array_checksums(tree)
+    assert set(sums) == {"w", "step", "none"}
+    check_arrays(tree, sums)
+    check_arrays(tree, None)  # a checkpoint saved before checksums: nothing to check
+    with pytest.raises(ChecksumMismatch, match=r"^w: "):
+        check_arrays({**tree, "w": tree["w"].at[0, 0].set(2)}, sums)
+    # The shape counts too: the same bytes in another shape are other arrays.
+    assert array_checksums({"w": tree["w"].reshape(2, 3)})["w"] != sums["w"]

@@ -7,16 +7,20 @@ it small). Nothing in this folder is rewritten: a change that breaks these tests
 and settings files people already have.
 """
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 
+from jax_mnist.checkpoint import Checkpoints
 from jax_mnist.config import Config, load_config_file, resolve_config
 from jax_mnist.errors import UserError
 from jax_mnist.evaluate import evaluate_runs
+from jax_mnist.inference import load_model
 from jax_mnist.resume import resolve_run
 from jax_mnist.runs import load_run
+from jax_mnist.train import train_and_evaluate
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RUN = FIXTURES / "mlp-run"
@@ -73,6 +77,20 @@ def test_stored_run_resumes_with_its_config_and_allowed_changes(run_copy):
         "epochs": 2.0,
     }
     assert resolve_run(run_copy, changes, resume=True) == STORED.replace(**changes)
+
+
+def test_stored_run_trains_on_and_serves_beside_checkpoints_with_checksums(run_copy):
+    # Its checkpoint (step 4) has no checksums in its meta; the ones training adds have.
+    train_and_evaluate(STORED.replace(epochs=2.0), run_copy)
+    with Checkpoints(run_copy, read_only=True) as checkpoints:
+        assert checkpoints.steps() == [4, 8]
+    old = json.loads((run_copy / "checkpoints" / "latest" / "4" / "meta" / "metadata").read_text())
+    new = json.loads((run_copy / "checkpoints" / "latest" / "8" / "meta" / "metadata").read_text())
+    assert "checksums" not in old and "params/hidden/0/kernel" in new["checksums"]
+    assert load_model(run_copy, 4).meta["step"] == 4  # read unchecked, as before
+    notes = []
+    model = load_model(run_copy, warn=notes.append)  # what serve, evaluate and export load
+    assert model.meta["step"] in (4, 8) and notes == [] and "checksums" not in model.meta
 
 
 @pytest.mark.parametrize(

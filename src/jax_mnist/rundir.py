@@ -10,7 +10,10 @@ host and start time, so that a second writer can be told who holds it. Readers (
 report, predict, serve, export, runs) never take it and never wait.
 
 **Whole files.** :func:`write_atomically` writes a temporary file and renames it over the old
-one: a crash or a full disk leaves the old file or the new one, never a part of either.
+one: a crash or a full disk leaves the old file or the new one, never a part of either. The
+file is flushed to the disk (``fsync``) before the rename, and its directory after it, so
+that a power loss too leaves one or the other: without the first, the rename can reach the
+disk before the data, and leave an empty file under the name.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import datetime
 import errno
 import fcntl
+import io
 import json
 import os
 import socket
@@ -138,12 +142,37 @@ def _read_only_mount(path: Path) -> bool:
     return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Replaces ``path`` with ``text`` whole (a temporary file renamed over it)."""
+def write_atomically(path: Path, data: str | bytes) -> None:
+    """Replaces ``path`` with ``data`` (text is written as UTF-8) whole and durably.
+
+    A temporary file beside it is written, flushed to the disk, renamed over ``path``, and the
+    directory is flushed too (see the module doc).
+    """
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(text)
+        with tmp.open("wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync_directory(path.parent)
+
+
+def save_npz_atomically(path: Path, **arrays) -> None:
+    """``np.savez(path, **arrays)`` (plain arrays, read without pickle), replaced whole and durably."""
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_atomically(path, buffer.getvalue())
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -48,7 +47,7 @@ from jax_mnist.parallel import (
 )
 from jax_mnist.plan import Chunk, plan_chunks
 from jax_mnist.resume import resolve_run
-from jax_mnist.rundir import TRAIN_HOLDER, TRAIN_LOCK, DirectoryLock, write_atomically
+from jax_mnist.rundir import TRAIN_HOLDER, TRAIN_LOCK, DirectoryLock, save_npz_atomically, write_atomically
 from jax_mnist.signals import StopSignals
 from jax_mnist.steps import Sums, Variables
 
@@ -475,11 +474,7 @@ def _evaluate_test(run: _Run, state: steps.TrainState, arrays: Arrays) -> dict[s
     images, labels = arrays.test_split()
     metrics, logits = evaluate_arrays(run.predict, state, images, labels, run.config)
     if run.main:
-        # Plain arrays (np.load reads them without pickle), replaced whole as every file of a run.
-        tmp = run.workdir / ".test_predictions.npz.tmp"
-        with tmp.open("wb") as f:
-            np.savez(f, logits=logits, labels=labels)
-        os.replace(tmp, run.workdir / "test_predictions.npz")
+        save_npz_atomically(run.workdir / "test_predictions.npz", logits=logits, labels=labels)
     return metrics
 
 

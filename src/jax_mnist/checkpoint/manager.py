@@ -1,24 +1,4 @@
-"""Checkpoints with Orbax: the latest few and the best by validation accuracy.
-
-Layout of a run directory::
-
-    config.json              the resolved config of the run
-    metrics.jsonl            one JSON record per log point, epoch and test evaluation
-    checkpoints/latest/<step>/{state,meta,config}   the last --keep checkpoints
-    checkpoints/best/<step>/{state,meta,config}     the one with the best validation accuracy
-
-Orbax writes each checkpoint into a temporary folder and renames it when complete, so a save
-cut short is never taken for a checkpoint. Restoring tells two failures apart:
-
-- a checkpoint that is *damaged* after the fact (a file truncated or deleted) fails to read;
-  :meth:`Checkpoints.restore` says so and falls back to the next older one. When the run is
-  open for writing (training), the damaged checkpoint is moved to ``checkpoints/damaged/``
-  (and the move is reported), so that training saves that step anew instead of finding it
-  taken;
-- a checkpoint that *does not fit* (its arrays have other names or shapes than the model the
-  config describes: another model definition or package version) is intact, so nothing is
-  moved and no older checkpoint is tried: the error names the first difference.
-"""
+"""The checkpoints of a run directory: saving, restoring, falling back past damage."""
 
 from __future__ import annotations
 
@@ -26,13 +6,16 @@ import contextlib
 import os
 import re
 import shutil
+import zlib
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
-from jax_mnist.backend import (
+from jax_mnist.checkpoint.damage import ChecksumMismatch, damage, describe
+from jax_mnist.checkpoint.hooks import (
     keep_silencing_reads_left_in_flight,
     keeping_filters_on_failure,
     silence_reads_left_in_flight,
@@ -44,15 +27,8 @@ from jax_mnist.errors import UserError, WriteError
 # versions with a timestamp after it): renamed to its step when complete.
 UNFINISHED = "*.orbax-checkpoint-tmp*"
 
-# What reading a damaged checkpoint raises, on every JAX and Orbax this package supports:
-# TensorStore's errors are ValueErrors (a data file truncated or altered, the OCDBT manifest
-# gone: "OUT_OF_RANGE: ...", "NOT_FOUND: ..."), a file deleted is a FileNotFoundError (or
-# another OSError as the disk fails), Orbax's JSON files that do not parse are
-# json.JSONDecodeErrors (ValueErrors too). Anything else (out of memory, a sharding bug) is not
-# taken for damage: it propagates and the checkpoint stays where it is.
-DAMAGE_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError)
-# Reading the config item: a checkpoint without one raises KeyError too.
-_CONFIG_ERRORS: tuple[type[Exception], ...] = (*DAMAGE_ERRORS, KeyError)
+# Where a checkpoint's meta keeps the CRC-32 of each array saved (see array_checksums).
+CHECKSUMS = "checksums"
 
 
 class CheckpointMismatch(UserError):
@@ -62,11 +38,20 @@ class CheckpointMismatch(UserError):
 def _manager(
     directory: Path, keep: int, *, best: bool, read_only: bool, async_save: bool
 ) -> ocp.CheckpointManager:
+    val_accuracy = (lambda metrics: metrics["val_accuracy"]) if best else None
+    policy = (
+        ocp.checkpoint_managers.BestN(
+            get_metric_fn=val_accuracy, n=keep, keep_checkpoints_without_metrics=False
+        )
+        if best
+        else ocp.checkpoint_managers.LatestN(n=keep)
+    )
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
-        best_fn=(lambda metrics: metrics["val_accuracy"]) if best else None,
+        # What is kept (Orbax's preservation policy; max_to_keep is deprecated), and how the
+        # best is told (best_fn, read by best_step()).
+        preservation_policy=policy,
+        best_fn=val_accuracy,
         best_mode="max",
-        keep_checkpoints_without_metrics=not best,
         create=not read_only,
         read_only=read_only,
         cleanup_tmp_directories=not read_only,
@@ -88,6 +73,15 @@ def _manager(
 
 class Checkpoints:
     """The checkpoints of one run directory.
+
+    Two Orbax managers, ``latest`` (``LatestN``) and ``best`` (``BestN`` by validation
+    accuracy), so a save with a validation score is written twice (the second write runs in
+    the background too: see ``benchmarks/checkpoint_costs.py``). One manager keeping both
+    (``AnyPreservationPolicy`` of the two over one folder) would write it once, but Orbax reads
+    every checkpoint's metrics when it opens a folder: one damaged metrics file would then
+    stop the opening of the folder training resumes from, where now it costs only ``best``
+    (moved aside); that folder would hold an older best beside the latest ``--keep``; and the
+    run directories written so far keep a ``best`` folder to read as it is.
 
     Args:
       workdir: the run directory.
@@ -114,7 +108,41 @@ class Checkpoints:
         self.latest = _manager(
             self.root / "latest", keep, best=False, read_only=read_only, async_save=async_save
         )
-        self.best = _manager(self.root / "best", 1, best=True, read_only=read_only, async_save=async_save)
+        # Notes for the first restore's warn: what was found damaged while opening.
+        self._notes: list[str] = []
+        self.best: ocp.CheckpointManager | None = self._open_best(async_save)
+
+    def _open_best(self, async_save: bool) -> ocp.CheckpointManager | None:
+        """The manager of ``best``; None (read-only) when its metrics files are damaged.
+
+        Orbax reads every checkpoint's metrics when it opens the folder, so a damaged one fails
+        the opening itself. Open for writing, the folder is moved to ``checkpoints/damaged/``
+        and started anew (the latest checkpoints are untouched).
+        """
+        directory = self.root / "best"
+        try:
+            return _manager(directory, 1, best=True, read_only=self.read_only, async_save=async_save)
+        except Exception as e:
+            found = damage(e)
+            if found is None:
+                raise
+            note = f"warning: checkpoint {directory} is damaged ({describe(found)})"
+        if self.read_only:
+            self._notes.append(f"{note}; trying the latest ones")
+            return None
+        target = self._damaged_name("best")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(directory, target)
+        self._notes.append(f"{note}; moved it to {target}")
+        return _manager(directory, 1, best=True, read_only=False, async_save=async_save)
+
+    def _damaged_name(self, name: str) -> Path:
+        target = self.root / "damaged" / name
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.root / "damaged" / f"{name}.{n}"
+        return target
 
     def save(
         self, state: Any, meta: dict[str, Any], config: Config, *, val_accuracy: float | None = None
@@ -131,6 +159,7 @@ class Checkpoints:
           val_accuracy: when given, the checkpoint also competes for best.
         """
         step = int(meta["step"])
+        meta = {**meta, CHECKSUMS: array_checksums(state)}
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             meta=ocp.args.JsonSave(meta),
@@ -139,7 +168,7 @@ class Checkpoints:
         with keeping_filters_on_failure():
             if step not in self.latest.all_steps():
                 self.latest.save(step, args=args, force=True)
-            if val_accuracy is not None and step not in self.best.all_steps():
+            if val_accuracy is not None and self.best is not None and step not in self.best.all_steps():
                 self.best.save(step, args=args, metrics={"val_accuracy": val_accuracy}, force=True)
 
     def wait(self) -> None:
@@ -148,40 +177,46 @@ class Checkpoints:
             try:
                 self.latest.wait_until_finished()
             finally:
-                self.best.wait_until_finished()
+                if self.best is not None:
+                    self.best.wait_until_finished()
 
     def steps(self, kind: str = "latest") -> list[int]:
-        return sorted(self._manager(kind).all_steps())
+        manager = self.best if kind == "best" else self.latest
+        return sorted(manager.all_steps()) if manager is not None else []
 
-    def _manager(self, kind: str) -> ocp.CheckpointManager:
-        return self.best if kind == "best" else self.latest
+    def _managers(self) -> list[ocp.CheckpointManager]:
+        return [m for m in (self.latest, self.best) if m is not None]
 
-    def _candidates(self, which: str | int) -> tuple[ocp.CheckpointManager, list[int]]:
+    def _candidates(self, which: str | int) -> list[tuple[ocp.CheckpointManager, int]]:
+        """The checkpoints ``which`` names, in the order to try them (the next when one is damaged)."""
         if isinstance(which, int) or str(which).isdigit():
             step = int(which)
-            for manager in (self.latest, self.best):
+            for manager in self._managers():
                 if step in manager.all_steps():
-                    return manager, [step]
+                    return [(manager, step)]
             raise UserError(
                 f"{self.root}: no checkpoint at step {step}; there are "
-                f"{sorted(set(self.latest.all_steps()) | set(self.best.all_steps()))}"
+                f"{sorted({s for m in self._managers() for s in m.all_steps()})}"
             )
+        latest = [(self.latest, step) for step in sorted(self.latest.all_steps(), reverse=True)]
         if which == "best":
-            best = self.best.best_step()
-            if best is not None:
-                return self.best, [best]
-            which = "latest"  # trained without a validation split: the latest is the best we have
-        return self.latest, sorted(self.latest.all_steps(), reverse=True)
+            best = self.best.best_step() if self.best is not None else None
+            # Then the latest ones: with the best damaged, the newest intact weights are next.
+            # Without a validation split there is no best: the latest is the best we have.
+            return ([(self.best, best)] if best is not None else []) + latest
+        return latest
 
     def read_config(self, which: str | int = "latest") -> Config:
         """The config stored with a checkpoint (the first readable one, newest first)."""
-        manager, steps = self._candidates(which)
-        for step in steps:
+        for manager, step in self._candidates(which):
             # The config item alone, through Orbax (about 15 ms a checkpoint on a CPU, where
             # reading its file directly took 0.3 ms: nothing beside loading a model).
             try:
                 stored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-            except _CONFIG_ERRORS:
+            except Exception as e:
+                # No config item (KeyError) or a damaged one: the next checkpoint's will do.
+                if not isinstance(e, KeyError) and damage(e) is None:
+                    raise
                 continue
             return Config.from_dict(dict(stored), source=str(Path(manager.directory) / str(step) / "config"))
         raise UserError(f"{self.root}: no readable checkpoint; train again or pass another run directory")
@@ -190,6 +225,9 @@ class Checkpoints:
         self, abstract_state: Any, which: str | int = "latest", *, partial: bool = False, warn=print
     ) -> tuple[Any, dict[str, Any]] | None:
         """Restores the newest intact checkpoint of ``which`` (``latest``, ``best`` or a step).
+
+        A damaged checkpoint is reported through ``warn`` and the next one is tried: an older
+        one, or after a damaged ``best``, the latest ones, newest first.
 
         Args:
           abstract_state: a pytree of ``jax.ShapeDtypeStruct`` (with shardings) to restore into.
@@ -206,13 +244,16 @@ class Checkpoints:
           UserError: every checkpoint there is damaged.
         """
         self.wait()  # nothing is moved aside, or read, while it is being written
-        manager, steps = self._candidates(which)
-        if not steps:
+        for note in self._notes:
+            warn(note)
+        self._notes.clear()
+        candidates = self._candidates(which)
+        if not candidates:
             return None
-        kind = "best" if manager is self.best else "latest"
         # Before the first read: a damaged file can fail a read while others are in flight.
         self._filter_stray_reads()
-        for step in steps:
+        for manager, step in candidates:
+            kind = "best" if manager is self.best else "latest"
             state_dir = Path(manager.directory) / str(step) / "state"
             # The handler rather than a Checkpointer, whose metadata() turns the errors of a
             # damaged checkpoint into no metadata, without saying which.
@@ -220,8 +261,11 @@ class Checkpoints:
             try:
                 stored = handler.metadata(state_dir).tree
                 problem = None
-            except DAMAGE_ERRORS as e:
-                stored, problem = None, f"its array metadata cannot be read: {_first_line(e)}"
+            except Exception as e:
+                found = damage(e)
+                if found is None:
+                    raise
+                stored, problem = None, f"its array metadata cannot be read: {describe(found)}"
             finally:
                 handler.close()
             if stored is not None:
@@ -246,13 +290,18 @@ class Checkpoints:
                         step, args=ocp.args.Composite(state=restore_args, meta=ocp.args.JsonRestore())
                     )
                     jax.block_until_ready(restored.state)
-                    return restored.state, dict(restored.meta)
-                except DAMAGE_ERRORS as e:
-                    problem = _first_line(e)
+                    meta = dict(restored.meta)
+                    check_arrays(restored.state, meta.pop(CHECKSUMS, None))
+                    return restored.state, meta
+                except Exception as e:
+                    found = damage(e)
+                    if found is None:
+                        raise
+                    problem = describe(found)
             # Orbax gave up on this checkpoint with reads still in flight, which end (or are
             # collected) at any later time, up to the process's exit.
             keep_silencing_reads_left_in_flight()
-            warn(f"warning: checkpoint {state_dir.parent} is damaged ({problem}); trying an older one")
+            warn(f"warning: checkpoint {state_dir.parent} is damaged ({problem}); trying the next one")
             if not self.read_only:
                 self._quarantine(manager, kind, step, warn)
         advice = (
@@ -260,16 +309,12 @@ class Checkpoints:
             if not self.read_only
             else "`jax-mnist train --workdir` on this run moves them aside"
         )
-        raise UserError(f"{manager.directory}: every checkpoint is damaged ({advice})")
+        raise UserError(f"{self.root}: every checkpoint is damaged ({advice})")
 
     def _quarantine(self, manager: ocp.CheckpointManager, kind: str, step: int, warn) -> None:
         """Moves a damaged checkpoint out of the manager's sight, so its step can be saved anew."""
         source = Path(manager.directory) / str(step)
-        target = self.root / "damaged" / f"{kind}-{step}"
-        n = 1
-        while target.exists():
-            n += 1
-            target = self.root / "damaged" / f"{kind}-{step}.{n}"
+        target = self._damaged_name(f"{kind}-{step}")
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(source, target)
         manager.reload()
@@ -300,7 +345,8 @@ class Checkpoints:
                 self.latest.close()
             finally:
                 try:
-                    self.best.close()
+                    if self.best is not None:
+                        self.best.close()
                 finally:
                     self._filtering = False
                     self._filters.close()
@@ -343,13 +389,59 @@ def _subfolders(path: Path) -> list[Path]:
     return [d for d in path.iterdir() if d.is_dir()] if path.is_dir() else []
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
-
-
 def _path_names(path: tuple) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _leaves(tree: Any) -> list[tuple[str, Any]]:
+    return [(_path_names(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _host_copy(leaf: Any) -> np.ndarray | None:
+    """A leaf's whole value on the host, or None where this process holds only a part of it."""
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        if not leaf.sharding.is_fully_replicated:
+            return None
+        leaf = leaf.addressable_data(0)
+    return np.asarray(leaf)
+
+
+def array_checksums(tree: Any) -> dict[str, str]:
+    """The CRC-32 of each array of ``tree``, by its path (``params/conv1/kernel``).
+
+    Stored in a checkpoint's meta when it is saved, and checked by :func:`check_arrays` when it
+    is restored: a byte altered inside a data file that TensorStore reads without complaint
+    (an uncompressed chunk has no checksum of its own) would otherwise restore as other numbers.
+    An array this process holds only a part of (sharded over several processes) is left out.
+
+    Args:
+      tree: a pytree of arrays of any shapes and dtypes.
+
+    Returns:
+      ``{path: "crc32 as 8 hex digits, of the shape, the dtype and the bytes"}``.
+    """
+    sums = {}
+    for name, leaf in _leaves(tree):
+        value = _host_copy(leaf)
+        if value is not None:
+            value = np.ascontiguousarray(value)
+            head = f"{value.shape}{value.dtype.str}".encode()
+            sums[name] = f"{zlib.crc32(value.reshape(-1).view(np.uint8).data, zlib.crc32(head)):08x}"
+    return sums
+
+
+def check_arrays(tree: Any, checksums: dict[str, str] | None) -> None:
+    """Checks restored arrays against the checksums stored with them (none: nothing to check).
+
+    Raises:
+      ChecksumMismatch: an array differs from what was saved.
+    """
+    if not checksums:
+        return  # saved before checkpoints carried checksums
+    found = array_checksums(tree)
+    for name, crc in found.items():
+        if name in checksums and checksums[name] != crc:
+            raise ChecksumMismatch(f"{name}: the bytes read differ from the checksum stored at its save")
 
 
 def tree_difference(stored: Any, abstract: Any, *, partial: bool = False) -> str | None:
