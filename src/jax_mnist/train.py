@@ -33,9 +33,8 @@ from jax_mnist.config import Config
 from jax_mnist.data import Arrays, load_dataset
 from jax_mnist.data.datasets import DATASETS, DatasetInfo, split_validation
 from jax_mnist.errors import UserError, write_failure
-from jax_mnist.inference import make_batched_predict
+from jax_mnist.inference import make_batched_evaluate, make_batched_predict
 from jax_mnist.logs import RunLogger
-from jax_mnist.metrics import classification_metrics
 from jax_mnist.models import compute_dtype, model_from_config, split_variables
 from jax_mnist.optim import create_optimizer
 from jax_mnist.parallel import (
@@ -150,8 +149,7 @@ def make_train_chunk_fn(setup: Setup, batch_size: int, steps_per_epoch: int):
 def make_predict_fn(setup: Setup) -> Callable[[Variables, np.ndarray], np.ndarray]:
     """``(variables, images [N, 28, 28]) -> logits`` float32 ``[N, C]`` (NumPy): the run's
     model through :func:`~jax_mnist.inference.make_batched_predict`, sharded over its mesh in
-    batches of ``eval_batch_size``, the last padded to a full one: one compiled shape serves the
-    validation split every epoch and the test set at the end."""
+    batches of ``eval_batch_size``, the last padded to a full one."""
     predict = make_batched_predict(
         functools.partial(steps.apply_variables, settings=setup.settings),
         setup.mesh,
@@ -161,12 +159,28 @@ def make_predict_fn(setup: Setup) -> Callable[[Variables, np.ndarray], np.ndarra
     return functools.partial(predict, batch_size=setup.config.eval_batch_size)
 
 
+def make_evaluate_fn(setup: Setup) -> Callable[..., tuple[np.ndarray, dict[str, float]]]:
+    """``(variables, images [N, 28, 28], labels [N]) -> (logits, metrics)``: the run's model
+    through :func:`~jax_mnist.inference.make_batched_evaluate` (the loss of
+    :func:`~jax_mnist.steps.eval_step`, summed on the devices), sharded over its mesh in
+    batches of ``eval_batch_size``, the last padded to a full one: one compiled shape serves
+    the validation split every epoch and the test set at the end."""
+    evaluate = make_batched_evaluate(
+        functools.partial(steps.apply_variables, settings=setup.settings),
+        setup.mesh,
+        setup.info.num_classes,
+        one_shape=True,
+    )
+    return functools.partial(evaluate, batch_size=setup.config.eval_batch_size)
+
+
 def evaluate_arrays(
-    predict_fn, state: steps.TrainState, images: np.ndarray, labels: np.ndarray, config: Config
+    evaluate_fn, state: steps.TrainState, images: np.ndarray, labels: np.ndarray, config: Config
 ) -> tuple[dict[str, Any], np.ndarray]:
-    """Metrics and logits ``[N, C]`` of ``state``'s evaluation weights on a dataset split."""
-    logits = predict_fn(steps.eval_variables(state, config.ema_decay), images)
-    return classification_metrics(logits, labels, DATASETS[config.dataset].num_classes), logits
+    """Mean loss and accuracy, and logits ``[N, C]``, of ``state``'s evaluation weights on a
+    dataset split (``evaluate_fn`` from :func:`make_evaluate_fn`)."""
+    logits, metrics = evaluate_fn(steps.eval_variables(state, config.ema_decay), images, labels)
+    return metrics, logits
 
 
 def prepare_jax(config: Config) -> None:
@@ -235,7 +249,7 @@ def train_and_evaluate(
                 epoch_time += time.perf_counter() - t0
                 step = chunk.end
                 if chunk.log:
-                    logger.log_step(epoch=chunk.epoch + 1, step=step, **_means(to_host(log_sums)))
+                    logger.log_step(epoch=chunk.epoch + 1, step=step, **steps.mean_metrics(to_host(log_sums)))
                     log_sums = put_replicated(steps.zero_sums(), mesh)
                 record = None
                 if chunk.epoch_end:
@@ -298,7 +312,7 @@ class _Run:
     val_data: tuple[np.ndarray, np.ndarray]  # on the host: evaluation copies them batch by batch
     train_chunk: Callable[..., tuple[steps.TrainState, Sums]]
     epoch_order: Callable[[jax.Array, int], jax.Array]
-    predict: Callable[[Variables, np.ndarray], np.ndarray]
+    evaluate: Callable[..., tuple[np.ndarray, dict[str, float]]]  # (variables, images, labels)
 
 
 def _start_run(
@@ -334,7 +348,7 @@ def _start_run(
         epoch_order=jax.jit(
             functools.partial(steps.epoch_order, num_examples=len(train_x)), out_shardings=replicate(mesh)
         ),
-        predict=make_predict_fn(setup),
+        evaluate=make_evaluate_fn(setup),
     )
 
 
@@ -370,14 +384,6 @@ def _cadences(config: Config) -> dict[str, int]:
     }
 
 
-def _means(sums: Sums, prefix: str = "") -> dict[str, float]:
-    """Mean loss and accuracy of host ``sums``, as ``{prefix}loss`` and ``{prefix}accuracy``."""
-    return {
-        f"{prefix}loss": float(sums["loss"] / sums["count"]),
-        f"{prefix}accuracy": float(sums["correct"] / sums["count"]),
-    }
-
-
 def _epoch_record(
     run: _Run,
     state: steps.TrainState,
@@ -394,7 +400,7 @@ def _epoch_record(
     record: dict[str, Any] = {
         "epoch": chunk.epoch + 1,
         "step": chunk.end,
-        **_means(to_host(state.epoch_sums), "train_"),
+        **{f"train_{k}": v for k, v in steps.mean_metrics(to_host(state.epoch_sums)).items()},
         "epoch_time_s": train_time,
         "images_per_s": images_trained / max(train_time, 1e-9),
     }
@@ -406,7 +412,7 @@ def _epoch_record(
 def _validate(run: _Run, state: steps.TrainState) -> dict[str, Any] | None:
     """Metrics of ``state`` on the validation split; None when the run holds none out."""
     images, labels = run.val_data
-    return evaluate_arrays(run.predict, state, images, labels, run.config)[0] if len(labels) else None
+    return evaluate_arrays(run.evaluate, state, images, labels, run.config)[0] if len(labels) else None
 
 
 def _final_record(
@@ -462,7 +468,7 @@ def _interrupted(run: _Run, step: int, signum: int) -> TrainingInterrupted:
 def _evaluate_test(run: _Run, state: steps.TrainState, arrays: Arrays) -> dict[str, Any]:
     """Test metrics, once, at the end; process 0 keeps the predictions for reports."""
     images, labels = arrays.test_split()
-    metrics, logits = evaluate_arrays(run.predict, state, images, labels, run.config)
+    metrics, logits = evaluate_arrays(run.evaluate, state, images, labels, run.config)
     if run.main:
         # Plain arrays (np.load reads them without pickle), replaced whole as every file of a run.
         tmp = run.workdir / ".test_predictions.npz.tmp"
