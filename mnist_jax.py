@@ -39,6 +39,8 @@ class Net(nnx.Module):
 
 
 def loss_fn(model: Net, images: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean cross-entropy of a batch, and its logits ``[B, 10]``: the one loss function, which
+    training minimizes and evaluation runs for its logits."""
     logits = model(images)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     return loss, logits
@@ -55,8 +57,9 @@ def train_step(model: Net, optimizer: nnx.Optimizer, images: jax.Array, labels: 
 
 @nnx.jit
 def eval_step(model: Net, images: jax.Array, labels: jax.Array) -> jax.Array:
-    """The number of correct predictions in a batch."""
-    return jnp.sum(jnp.argmax(model(images), axis=-1) == labels)
+    """The number of correct predictions in a batch, through the same ``loss_fn`` as training."""
+    _loss, logits = loss_fn(model, images, labels)
+    return jnp.sum(jnp.argmax(logits, axis=-1) == labels)
 
 
 def normalize(images: np.ndarray) -> jax.Array:

@@ -2,9 +2,10 @@
 
     python benchmarks/eval_throughput.py                  # 5 rounds over the 10,000 test images
 
-jax-mnist runs its one predictor (``inference.make_batched_predict``, which ``jax-mnist train``,
-``evaluate`` and ``serve`` use: jitted forward passes of ``--eval-batch-size`` 1,000, logits
-copied to the host);
+jax-mnist runs its one predictor (``inference.make_batched_predict``, which ``predict`` and
+``serve`` use, and ``jax-mnist train`` and ``evaluate`` through its sibling
+``make_batched_evaluate``, which adds the loss: jitted forward passes of ``--eval-batch-size``
+1,000, logits copied to the host);
 PyTorch runs ``model.eval()`` under ``torch.inference_mode()`` with batches of 1,000, in
 NCHW and in channels-last (the faster is PyTorch's figure). Both start from the uint8
 images in memory and end with the logits in a NumPy array. Rounds alternate.

@@ -67,3 +67,33 @@ def test_missing_run_and_run_without_checkpoints(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no checkpoints here"):
         load_model(tmp_path / "empty")
+
+
+def test_evaluation_sums_the_training_loss_over_the_real_images_only(ema_run):
+    from jax_mnist.data import load_dataset
+    from jax_mnist.runs import read_metrics
+
+    model = load_model(ema_run, "latest")
+    images, labels = load_dataset(model.config).test_split()
+    logits = model.predict_logits(images)
+    x = logits.astype(np.float64) - logits.max(1, keepdims=True)
+    reference = (np.log(np.exp(x).sum(1)) - x[np.arange(len(labels)), labels]).mean()
+    # 300 images in batches of 128: the last padded to 64 rows, 20 of them padding.
+    for n, batch_size in ((10_000, None), (300, 128), (1, 8)):
+        got_logits, metrics = model.evaluate(images[:n], labels[:n], batch_size=batch_size)
+        np.testing.assert_array_equal(got_logits, model.predict_logits(images[:n], batch_size=batch_size))
+        x = got_logits.astype(np.float64) - got_logits.max(1, keepdims=True)
+        want = (np.log(np.exp(x).sum(1)) - x[np.arange(n), labels[:n]]).mean()
+        # float32 against float64: an example's loss is off by up to its logits' size times
+        # float32's epsilon, which is more than 1e-5 of the tiny loss of one confident image.
+        assert metrics["loss"] == pytest.approx(want, rel=1e-5, abs=1e-6)
+        assert metrics["accuracy"] == (got_logits.argmax(1) == labels[:n]).mean()
+    # The run's own test record: the same quantity (its batches were cut otherwise).
+    (test,) = [r for r in read_metrics(ema_run / "metrics.jsonl") if r.get("kind") == "test"]
+    assert test["test_loss"] == pytest.approx(reference, rel=1e-4)
+    # Test-time augmentation: the loss and accuracy of the averaged prediction.
+    tta_logits, tta = model.evaluate(images[:300], labels[:300], tta=True)
+    x = tta_logits.astype(np.float64) - tta_logits.max(1, keepdims=True)
+    want = (np.log(np.exp(x).sum(1)) - x[np.arange(300), labels[:300]]).mean()
+    assert tta["loss"] == pytest.approx(want, rel=1e-5)
+    assert tta["accuracy"] == (tta_logits.argmax(1) == labels[:300]).mean()

@@ -3,6 +3,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jax_mnist import steps, train
 from jax_mnist.config import Config
@@ -104,3 +105,34 @@ def test_weight_ema_averages_the_batch_statistics_too():
     # Evaluation takes the averaged weights with the averaged statistics.
     variables = steps.eval_variables(state, setup.config.ema_decay)
     assert variables["params"] is state.ema_params and variables["model_state"] is state.ema_model_state
+
+
+def _numpy_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-example cross-entropy in float64, by hand: the reference the device's is held to."""
+    x = np.asarray(logits, np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return np.log(np.exp(x).sum(-1)) - x[np.arange(len(labels)), labels]
+
+
+def test_eval_step_sums_the_training_loss_and_leaves_the_padding_out():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (16, 10)).astype(np.float32)
+    labels = rng.integers(0, 10, 16).astype(np.int32)
+    # Rows 11 to 15 are padding: huge losses and other labels that must not count.
+    logits[11:], labels[11:] = 1e4 * np.eye(10, dtype=np.float32)[:5], 9
+    step = jax.jit(functools.partial(steps.eval_step, lambda _, x: x, num_classes=10))
+    out, sums = step(None, logits, labels, np.int32(11), steps.zero_sums())
+    np.testing.assert_array_equal(out, logits)
+    want = _numpy_cross_entropy(logits[:11], labels[:11]).sum()
+    assert float(sums["loss"]) == pytest.approx(want, rel=1e-6)
+    assert int(sums["correct"]) == int((logits[:11].argmax(1) == labels[:11]).sum())
+    assert int(sums["count"]) == 11 and sums["count"].dtype == jnp.int32
+    # The same loss as the training step's, and the sums carry over from batch to batch.
+    np.testing.assert_allclose(
+        float(sums["loss"]), float(steps.cross_entropy(logits[:11], labels[:11], 10).sum()), rtol=1e-6
+    )
+    _, twice = step(None, logits, labels, np.int32(11), sums)
+    assert int(twice["count"]) == 22 and float(twice["loss"]) == pytest.approx(2 * want, rel=1e-6)
+    means = steps.mean_metrics(jax.device_get(sums))
+    assert means["loss"] == pytest.approx(want / 11, rel=1e-6)
+    assert means["accuracy"] == int(sums["correct"]) / 11

@@ -9,8 +9,8 @@ import numpy as np
 
 from jax_mnist.config import Config
 from jax_mnist.errors import UserError
-from jax_mnist.inference import InferenceModel, load_model
-from jax_mnist.metrics import average_predictions, classification_metrics
+from jax_mnist.inference import InferenceModel, load_model, logits_metrics
+from jax_mnist.metrics import average_predictions, class_metrics
 
 
 def evaluate_runs(
@@ -24,7 +24,10 @@ def evaluate_runs(
 ) -> dict[str, Any]:
     """Metrics of each run on the test or validation split and, for several runs, of their ensemble.
 
-    The ensemble averages the members' softmax probabilities.
+    The ensemble averages the members' softmax probabilities. Loss and accuracy are the
+    training step's cross-entropy and the correct count, summed on the device
+    (:func:`~jax_mnist.steps.eval_step`); NumPy adds the per-class accuracy and the confusion
+    matrix.
 
     Args:
       split: ``test``, or ``val`` for the validation split the runs held out in training
@@ -33,7 +36,7 @@ def evaluate_runs(
 
     Returns:
       ``{"split", "tta", "members": [{"workdir", "step", **metrics}, ...], "ensemble": metrics
-      or None}``, metrics as in :func:`classification_metrics`.
+      or None}``, metrics ``loss``, ``accuracy``, ``per_class_accuracy`` and ``confusion``.
     """
     runs = [load_model(w, which, warn=warn) for w in workdirs]
     datasets = {run.config.dataset for run in runs}
@@ -48,19 +51,24 @@ def evaluate_runs(
     num_classes = runs[0].num_classes
     members, member_logits = [], []
     for run in runs:
-        logits = run.predict_logits(images, tta=tta)
+        logits, metrics = run.evaluate(images, labels, tta=tta)
         member_logits.append(logits)
         members.append(
             {
                 "workdir": str(run.workdir),
                 "step": run.meta["step"],
                 "model": run.config.model,
-                **classification_metrics(logits, labels, num_classes),
+                **metrics,
+                **class_metrics(logits, labels, num_classes),
             }
         )
     ensemble = None
     if len(runs) > 1:
-        ensemble = classification_metrics(average_predictions(member_logits), labels, num_classes)
+        logits = average_predictions(member_logits)
+        ensemble = {
+            **logits_metrics(logits, labels, num_classes),
+            **class_metrics(logits, labels, num_classes),
+        }
     return {
         "dataset": config.dataset,
         "split": split,

@@ -91,6 +91,11 @@ class InferenceModel:
         mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
         return make_batched_predict(self.apply, mesh, self.num_classes)
 
+    @functools.cached_property
+    def _evaluate(self) -> Callable[..., tuple[np.ndarray, dict[str, float]]]:
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+        return make_batched_evaluate(self.apply, mesh, self.num_classes)
+
     def predict_logits(
         self, images: np.ndarray, *, tta: bool = False, batch_size: int | None = None
     ) -> np.ndarray:
@@ -106,6 +111,18 @@ class InferenceModel:
         if tta:
             return tta_logits(functools.partial(self.predict_logits, batch_size=batch_size), images)
         return self._predict(self.variables, images, batch_size or self.config.eval_batch_size)
+
+    def evaluate(
+        self, images: np.ndarray, labels: np.ndarray, *, tta: bool = False, batch_size: int | None = None
+    ) -> tuple[np.ndarray, dict[str, float]]:
+        """Logits float32 ``[N, C]`` of images ``[N, 28, 28]`` with labels ``[N]``, and their mean
+        ``loss`` and ``accuracy``: :func:`make_batched_evaluate`'s, or with ``tta``
+        :func:`logits_metrics` of :meth:`predict_logits`' averaged logits."""
+        images = check_images(images)
+        if tta:
+            logits = self.predict_logits(images, tta=True, batch_size=batch_size)
+            return logits, logits_metrics(logits, labels, self.num_classes)
+        return self._evaluate(self.variables, images, labels, batch_size or self.config.eval_batch_size)
 
     def describe(self) -> dict[str, Any]:
         """What is loaded, as JSON-able facts: architecture, size, source run and checkpoint."""
@@ -141,6 +158,23 @@ def tta_logits(predict, images: np.ndarray) -> np.ndarray:
     )
 
 
+def logits_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:
+    """Mean ``loss`` and ``accuracy`` of logits ``[N, C]`` computed already (an ensemble's, or
+    test-time augmentation's): :func:`~jax_mnist.steps.eval_step` with the logits as the model."""
+    logits, labels = np.asarray(logits, np.float32), np.asarray(labels, np.int32)
+    _, sums = _eval_logits(
+        None, logits, labels, np.int32(len(labels)), steps.zero_sums(), num_classes=num_classes
+    )
+    return steps.mean_metrics(to_host(sums))
+
+
+def _given_logits(_: Any, logits: jax.Array) -> jax.Array:
+    return logits
+
+
+_eval_logits = jax.jit(functools.partial(steps.eval_step, _given_logits), static_argnames="num_classes")
+
+
 def padded_size(n: int, limit: int, multiple: int = 1) -> int:
     """The size a batch of ``n`` images is padded to: the next power of two, rounded up to a
     multiple of ``multiple`` (the devices it is split over), at most ``limit``, so a compiled
@@ -170,12 +204,20 @@ def run_in_batches(
     for start in range(0, len(images), limit):
         batch = images[start : start + limit]
         if pad:
-            size = limit if one_shape else padded_size(len(batch), limit, multiple)
-            padded = np.zeros((size, *batch.shape[1:]), batch.dtype)
-            padded[: len(batch)] = batch
-        else:
-            padded = batch
-        outputs.append((fn(padded), len(batch)))
+            batch = _pad(batch, limit if one_shape else padded_size(len(batch), limit, multiple))
+        outputs.append((fn(batch), min(limit, len(images) - start)))
+    return _concatenate(outputs, num_classes)
+
+
+def _pad(batch: np.ndarray, size: int) -> np.ndarray:
+    """``batch`` ``[n, ...]`` followed by zeros up to ``[size, ...]``."""
+    padded = np.zeros((size, *batch.shape[1:]), batch.dtype)
+    padded[: len(batch)] = batch
+    return padded
+
+
+def _concatenate(outputs: list[tuple[Any, int]], num_classes: int) -> np.ndarray:
+    """The first ``n`` rows of each ``(logits, n)`` of ``outputs``, read back and joined."""
     if not outputs:
         return np.zeros((0, num_classes), np.float32)
     return np.concatenate([np.asarray(to_host(logits))[:n] for logits, n in outputs])
@@ -217,6 +259,55 @@ def make_batched_predict(
         )
 
     return predict
+
+
+def make_batched_evaluate(
+    apply: Callable[[Variables, jax.Array], jax.Array],
+    mesh: jax.sharding.Mesh,
+    num_classes: int,
+    *,
+    one_shape: bool = False,
+) -> Callable[..., tuple[np.ndarray, dict[str, float]]]:
+    """The predictor's sibling for labelled images: ``(variables, images [N, 28, 28], labels
+    [N], batch_size) -> (logits, metrics)``, the logits float32 ``[N, C]`` (NumPy) and
+    ``metrics`` the mean ``loss`` and ``accuracy``, for validation and test in training and
+    ``evaluate``.
+
+    Batches are cut, padded and split over ``mesh`` as :func:`make_batched_predict` does;
+    each runs :func:`~jax_mnist.steps.eval_step`, which adds the batch's cross-entropy (the
+    training step's) and correct count to sums kept on the devices, padding rows left out;
+    the host reads the sums once, at the end. ``N`` must be at least 1.
+    """
+    num_devices = mesh.devices.size
+    batch_sharding = NamedSharding(mesh, P("data"))
+
+    def sharded_apply(variables: Variables, images: jax.Array) -> jax.Array:
+        return apply(variables, jax.lax.with_sharding_constraint(images, batch_sharding))
+
+    step = jax.jit(
+        functools.partial(steps.eval_step, sharded_apply, num_classes=num_classes),
+        out_shardings=replicate(mesh),
+    )
+
+    def evaluate(
+        variables: Variables, images: np.ndarray, labels: np.ndarray, batch_size: int
+    ) -> tuple[np.ndarray, dict[str, float]]:
+        limit = -(-batch_size // num_devices) * num_devices
+        images, labels = np.asarray(to_host(images)), np.asarray(labels, np.int32)
+        sums, outputs = put_replicated(steps.zero_sums(), mesh), []
+        for start in range(0, len(images), limit):
+            n = min(limit, len(images) - start)
+            size = limit if one_shape else padded_size(n, limit, num_devices)
+            batch = (
+                _pad(images[start : start + n], size),
+                _pad(labels[start : start + n], size),
+                np.int32(n),
+            )
+            logits, sums = step(variables, *put_replicated(batch, mesh), sums)
+            outputs.append((logits, n))
+        return _concatenate(outputs, num_classes), steps.mean_metrics(to_host(sums))
+
+    return evaluate
 
 
 def shift_images(images: np.ndarray, dy: int, dx: int) -> np.ndarray:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -184,138 +185,181 @@ def _convert(g: _Graph, jaxpr, args: list[_Value]) -> list[_Value]:
     return [read(v) for v in jaxpr.outvars]
 
 
-# One function with a branch per primitive, longer than we otherwise allow: it reads as the
-# table of what the converter supports, and the branches share the output's rank and layout
-# computed at the top; a function per primitive would pass them around twenty times.
+# One handler per primitive: ``handler(g, name, params, ins, eqn) -> _Value`` gets the
+# equation's primitive name, parameters and converted inputs, adds its nodes to ``g`` and
+# returns the output. :data:`_HANDLERS` is the table of what the converter supports.
+_Handler = Callable[[_Graph, str, dict, list[_Value], Any], _Value]
+_HANDLERS: dict[str, _Handler] = {}
+
+
+def _handles(*names: str) -> Callable[[_Handler], _Handler]:
+    """Registers the decorated function as the handler of the primitives ``names``."""
+
+    def register(handler: _Handler) -> _Handler:
+        for name in names:
+            _HANDLERS[name] = handler
+        return handler
+
+    return register
+
+
 def _convert_eqn(g: _Graph, name: str, params: dict, ins: list[_Value], eqn) -> _Value:
+    handler = _HANDLERS.get(name)
+    if handler is None:
+        raise NotImplementedError(f"ONNX export: no conversion for the JAX primitive {name!r}")
+    return handler(g, name, params, ins, eqn)
+
+
+def _out_shape(eqn) -> tuple:
+    return tuple(eqn.outvars[0].aval.shape)
+
+
+@_handles(*_ELEMENTWISE, *_UNARY, "convert_element_type")
+def _elementwise(g: _Graph, name: str, params: dict, ins: list[_Value], eqn) -> _Value:
+    """Computed in the layout of the first tensor operand; constants follow it."""
     from onnx import helper
 
-    out_shape = tuple(eqn.outvars[0].aval.shape)
-    rank = len(out_shape)
-    identity = tuple(range(rank))
+    rank = len(_out_shape(eqn))
+    perm = next((v.perm for v in ins if v.const is None and len(v.shape) == rank), None) or tuple(range(rank))
+    if name == "max" and any(v.const is not None and not np.any(v.const) for v in ins):
+        (operand,) = [v for v in ins if v.const is None]
+        return _Value(g.node("Relu", [_materialize(g, operand, perm)]), perm=perm)
+    if name == "sub" and ins[1].const is not None:
+        # x + (-c) rather than x - c: ONNX Runtime folds a constant Add or Mul after a
+        # convolution into its weights (batch norm arrives as subtract, scale, shift), not a Sub.
+        ins = [ins[0], dataclasses.replace(ins[1], const=-ins[1].const)]
+        name = "add"
+    names = [_materialize(g, v, perm) if len(v.shape) == rank else _materialize(g, v) for v in ins]
+    if name == "convert_element_type":
+        to = helper.np_dtype_to_tensor_dtype(np.dtype(params["new_dtype"]))
+        return _Value(g.node("Cast", names, to=to), perm=perm)
+    op = _ELEMENTWISE.get(name) or _UNARY[name]
+    return _Value(g.node(op, names), perm=perm)
 
-    if name in _ELEMENTWISE or name in _UNARY or name == "convert_element_type":
-        # Elementwise: computed in the layout of the first tensor operand; constants follow it.
-        perm = next((v.perm for v in ins if v.const is None and len(v.shape) == rank), None) or identity
-        if name == "max" and any(v.const is not None and not np.any(v.const) for v in ins):
-            (operand,) = [v for v in ins if v.const is None]
-            return _Value(g.node("Relu", [_materialize(g, operand, perm)]), perm=perm)
-        if name == "sub" and ins[1].const is not None:
-            # x + (-c) rather than x - c: ONNX Runtime folds a constant Add or Mul after a
-            # convolution into its weights (batch norm arrives as subtract, scale, shift), not a Sub.
-            ins = [ins[0], dataclasses.replace(ins[1], const=-ins[1].const)]
-            name = "add"
-        names = [_materialize(g, v, perm) if len(v.shape) == rank else _materialize(g, v) for v in ins]
-        if name == "convert_element_type":
-            to = helper.np_dtype_to_tensor_dtype(np.dtype(params["new_dtype"]))
-            return _Value(g.node("Cast", names, to=to), perm=perm)
-        op = _ELEMENTWISE.get(name) or _UNARY[name]
-        return _Value(g.node(op, names), perm=perm)
 
-    if name == "rsqrt":
-        return _Value(
-            g.node("Reciprocal", [g.node("Sqrt", [_materialize(g, ins[0], ins[0].perm)])]), perm=ins[0].perm
-        )
+@_handles("rsqrt")
+def _rsqrt(g: _Graph, name: str, params: dict, ins: list[_Value], eqn) -> _Value:
+    return _Value(
+        g.node("Reciprocal", [g.node("Sqrt", [_materialize(g, ins[0], ins[0].perm)])]), perm=ins[0].perm
+    )
 
-    if name == "transpose":
-        (v,) = ins
-        # onnx = transpose(jax_in, p) and jax_out = transpose(jax_in, t): onnx = transpose(jax_out, t^-1 o p).
-        t_inv = _inverse(params["permutation"])
-        p = v.perm or tuple(range(len(v.shape)))
-        return _Value(v.name, perm=tuple(t_inv[i] for i in p))
 
-    if name == "reshape":
-        if params.get("dimensions") is not None:
-            raise NotImplementedError("reshape with dimensions")
-        sizes = [d if isinstance(d, int) else -1 for d in params["new_sizes"]]
-        return _Value(g.node("Reshape", [_materialize(g, ins[0]), g.ints(sizes)]))
+@_handles("transpose")
+def _transpose(g: _Graph, name: str, params: dict, ins: list[_Value], eqn) -> _Value:
+    (v,) = ins
+    # onnx = transpose(jax_in, p) and jax_out = transpose(jax_in, t): onnx = transpose(jax_out, t^-1 o p).
+    t_inv = _inverse(params["permutation"])
+    p = v.perm or tuple(range(len(v.shape)))
+    return _Value(v.name, perm=tuple(t_inv[i] for i in p))
 
-    if name == "squeeze":
-        return _Value(g.node("Squeeze", [_materialize(g, ins[0]), g.ints(params["dimensions"])]))
 
-    if name == "broadcast_in_dim":
-        (v,) = ins
-        kept = params["broadcast_dimensions"]
-        new_axes = [i for i in range(rank) if i not in kept]
-        tensor = _materialize(g, v)
-        if new_axes:
-            tensor = g.node("Unsqueeze", [tensor, g.ints(new_axes)])
-        unsqueezed = list(out_shape)
-        for axis, d in zip(kept, v.shape, strict=True):
-            unsqueezed[axis] = d
-        for i in new_axes:
-            unsqueezed[i] = 1
-        if any(isinstance(o, int) and o != u for o, u in zip(out_shape, unsqueezed, strict=True)):
-            # Symbolic sizes stay 1 here and broadcast in the elementwise operation that follows.
-            target = [o if isinstance(o, int) else 1 for o in out_shape]
-            tensor = g.node("Expand", [tensor, g.ints(target)])
-        return _Value(tensor)
+@_handles("reshape")
+def _reshape(g: _Graph, name: str, params: dict, ins: list[_Value], eqn) -> _Value:
+    if params.get("dimensions") is not None:
+        raise NotImplementedError("reshape with dimensions")
+    sizes = [d if isinstance(d, int) else -1 for d in params["new_sizes"]]
+    return _Value(g.node("Reshape", [_materialize(g, ins[0]), g.ints(sizes)]))
 
-    if name == "conv_general_dilated":
-        lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
-        if any(d != 1 for d in params["lhs_dilation"]) or params["batch_group_count"] != 1:
-            raise NotImplementedError("conv_general_dilated with lhs_dilation or batch groups")
-        pads = [lo for lo, _ in params["padding"]] + [hi for _, hi in params["padding"]]
-        conv = g.node(
-            "Conv",
-            [_materialize(g, ins[0], lhs_spec), _materialize(g, ins[1], rhs_spec)],
-            strides=list(params["window_strides"]),
-            pads=pads,
-            dilations=list(params["rhs_dilation"]),
-            group=params["feature_group_count"],
-        )
-        return _Value(conv, perm=tuple(out_spec))
 
-    if name in ("reduce_window_sum", "reduce_window_max"):
-        (v,) = ins
-        window, strides = params["window_dimensions"], params["window_strides"]
-        if any(d != 1 for d in (*params["base_dilation"], *params["window_dilation"])):
-            raise NotImplementedError(f"{name} with dilation")
-        trivial = [
-            i for i in range(rank) if window[i] == 1 and strides[i] == 1 and params["padding"][i] == (0, 0)
-        ]
-        current = v.perm or identity
-        # Pooled dimensions last, the others first in the order they are in now.
-        perm = tuple([a for a in current if a in trivial] + [a for a in current if a not in trivial])
-        spatial = perm[len(trivial) :]
-        attrs: dict[str, Any] = {
-            "kernel_shape": [window[a] for a in spatial],
-            "strides": [strides[a] for a in spatial],
-            "pads": [params["padding"][a][0] for a in spatial] + [params["padding"][a][1] for a in spatial],
-        }
-        tensor = _materialize(g, v, perm)
-        if name == "reduce_window_max":
-            return _Value(g.node("MaxPool", [tensor], **attrs), perm=perm)
-        # A window sum is the window average (padding counted) times the window size.
-        average = g.node("AveragePool", [tensor], count_include_pad=1, **attrs)
-        count = np.asarray(math.prod(window), np.dtype(eqn.outvars[0].aval.dtype))
-        return _Value(g.node("Mul", [average, g.constant(count)]), perm=perm)
+@_handles("squeeze")
+def _squeeze(g: _Graph, name: str, params: dict, ins: list[_Value], eqn) -> _Value:
+    return _Value(g.node("Squeeze", [_materialize(g, ins[0]), g.ints(params["dimensions"])]))
 
-    if name in _REDUCE:
-        (v,) = ins
-        current = v.perm or tuple(range(len(v.shape)))
-        axes = sorted(current.index(a) for a in params["axes"])
-        kept = [a for a in current if a not in params["axes"]]
-        perm = tuple(sorted(kept).index(a) for a in kept)
-        if name == "reduce_sum":
-            out = g.node("ReduceSum", [_materialize(g, v, current), g.ints(axes)], keepdims=0)
-        else:
-            out = g.node(_REDUCE[name], [_materialize(g, v, current)], axes=axes, keepdims=0)
-        return _Value(out, perm=perm)
 
-    if name == "dot_general":
-        (lc, rc), (lb, rb) = params["dimension_numbers"]
-        lhs, rhs = ins
-        if lb or rb or len(lc) != 1 or len(rhs.shape) != 2:
-            raise NotImplementedError("dot_general beyond a matrix product with a 2-D right operand")
-        lrank = len(lhs.shape)
-        lperm = [a for a in range(lrank) if a != lc[0]] + [lc[0]]
-        if lperm != list(range(lrank)):
-            raise NotImplementedError("dot_general contracting an inner dimension of the left operand")
-        rperm = (rc[0], 1 - rc[0])
-        return _Value(g.node("MatMul", [_materialize(g, lhs), _materialize(g, rhs, rperm)]))
+@_handles("broadcast_in_dim")
+def _broadcast_in_dim(g: _Graph, name: str, params: dict, ins: list[_Value], eqn) -> _Value:
+    (v,) = ins
+    out_shape = _out_shape(eqn)
+    kept = params["broadcast_dimensions"]
+    new_axes = [i for i in range(len(out_shape)) if i not in kept]
+    tensor = _materialize(g, v)
+    if new_axes:
+        tensor = g.node("Unsqueeze", [tensor, g.ints(new_axes)])
+    unsqueezed = list(out_shape)
+    for axis, d in zip(kept, v.shape, strict=True):
+        unsqueezed[axis] = d
+    for i in new_axes:
+        unsqueezed[i] = 1
+    if any(isinstance(o, int) and o != u for o, u in zip(out_shape, unsqueezed, strict=True)):
+        # Symbolic sizes stay 1 here and broadcast in the elementwise operation that follows.
+        target = [o if isinstance(o, int) else 1 for o in out_shape]
+        tensor = g.node("Expand", [tensor, g.ints(target)])
+    return _Value(tensor)
 
-    if name == "copy" or name == "copy_p":
-        return ins[0]
 
-    raise NotImplementedError(f"ONNX export: no conversion for the JAX primitive {name!r}")
+@_handles("conv_general_dilated")
+def _conv(g: _Graph, name: str, params: dict, ins: list[_Value], eqn) -> _Value:
+    lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
+    if any(d != 1 for d in params["lhs_dilation"]) or params["batch_group_count"] != 1:
+        raise NotImplementedError("conv_general_dilated with lhs_dilation or batch groups")
+    pads = [lo for lo, _ in params["padding"]] + [hi for _, hi in params["padding"]]
+    conv = g.node(
+        "Conv",
+        [_materialize(g, ins[0], lhs_spec), _materialize(g, ins[1], rhs_spec)],
+        strides=list(params["window_strides"]),
+        pads=pads,
+        dilations=list(params["rhs_dilation"]),
+        group=params["feature_group_count"],
+    )
+    return _Value(conv, perm=tuple(out_spec))
+
+
+@_handles("reduce_window_sum", "reduce_window_max")
+def _pool(g: _Graph, name: str, params: dict, ins: list[_Value], eqn) -> _Value:
+    (v,) = ins
+    rank = len(_out_shape(eqn))
+    window, strides = params["window_dimensions"], params["window_strides"]
+    if any(d != 1 for d in (*params["base_dilation"], *params["window_dilation"])):
+        raise NotImplementedError(f"{name} with dilation")
+    trivial = [
+        i for i in range(rank) if window[i] == 1 and strides[i] == 1 and params["padding"][i] == (0, 0)
+    ]
+    current = v.perm or tuple(range(rank))
+    # Pooled dimensions last, the others first in the order they are in now.
+    perm = tuple([a for a in current if a in trivial] + [a for a in current if a not in trivial])
+    spatial = perm[len(trivial) :]
+    attrs: dict[str, Any] = {
+        "kernel_shape": [window[a] for a in spatial],
+        "strides": [strides[a] for a in spatial],
+        "pads": [params["padding"][a][0] for a in spatial] + [params["padding"][a][1] for a in spatial],
+    }
+    tensor = _materialize(g, v, perm)
+    if name == "reduce_window_max":
+        return _Value(g.node("MaxPool", [tensor], **attrs), perm=perm)
+    # A window sum is the window average (padding counted) times the window size.
+    average = g.node("AveragePool", [tensor], count_include_pad=1, **attrs)
+    count = np.asarray(math.prod(window), np.dtype(eqn.outvars[0].aval.dtype))
+    return _Value(g.node("Mul", [average, g.constant(count)]), perm=perm)
+
+
+@_handles(*_REDUCE)
+def _reduce(g: _Graph, name: str, params: dict, ins: list[_Value], eqn) -> _Value:
+    (v,) = ins
+    current = v.perm or tuple(range(len(v.shape)))
+    axes = sorted(current.index(a) for a in params["axes"])
+    kept = [a for a in current if a not in params["axes"]]
+    perm = tuple(sorted(kept).index(a) for a in kept)
+    if name == "reduce_sum":
+        out = g.node("ReduceSum", [_materialize(g, v, current), g.ints(axes)], keepdims=0)
+    else:
+        out = g.node(_REDUCE[name], [_materialize(g, v, current)], axes=axes, keepdims=0)
+    return _Value(out, perm=perm)
+
+
+@_handles("dot_general")
+def _dot_general(g: _Graph, name: str, params: dict, ins: list[_Value], eqn) -> _Value:
+    (lc, rc), (lb, rb) = params["dimension_numbers"]
+    lhs, rhs = ins
+    if lb or rb or len(lc) != 1 or len(rhs.shape) != 2:
+        raise NotImplementedError("dot_general beyond a matrix product with a 2-D right operand")
+    lrank = len(lhs.shape)
+    lperm = [a for a in range(lrank) if a != lc[0]] + [lc[0]]
+    if lperm != list(range(lrank)):
+        raise NotImplementedError("dot_general contracting an inner dimension of the left operand")
+    rperm = (rc[0], 1 - rc[0])
+    return _Value(g.node("MatMul", [_materialize(g, lhs), _materialize(g, rhs, rperm)]))
+
+
+@_handles("copy", "copy_p")
+def _copy(g: _Graph, name: str, params: dict, ins: list[_Value], eqn) -> _Value:
+    return ins[0]

@@ -20,6 +20,9 @@ class Chunk:
       num_steps: how many steps it runs; a chunk never crosses a log point, a checkpoint
         step or the end of an epoch.
       epoch: the 0-based epoch it belongs to.
+      position: the step of its epoch it starts at (0: it begins the epoch).
+      epoch_steps: the steps of its epoch, fewer than an epoch's when the run ends part way
+        through it (``--epochs 1.5``).
       log: after it, log the training loss of the steps since the last log point.
       epoch_end: it ends its epoch (or the run, part way through its last epoch): evaluate
         on the validation split.
@@ -29,6 +32,8 @@ class Chunk:
     start: int
     num_steps: int
     epoch: int
+    position: int
+    epoch_steps: int
     log: bool
     epoch_end: bool
     checkpoint: bool
@@ -74,6 +79,8 @@ def plan_chunks(
             start=step,
             num_steps=end - position,
             epoch=epoch,
+            position=position,
+            epoch_steps=epoch_steps,
             log=end % log_every == 0 or epoch_end,
             epoch_end=epoch_end,
             checkpoint=checkpoint,

@@ -1,5 +1,5 @@
 """Pure functions that run on the device: the loss, one training step, a chunk of steps,
-and evaluation. State goes in and comes out; nothing here touches the host.
+and one evaluation step on the same loss. State goes in and comes out; nothing here touches the host.
 
 Shapes: images are uint8 ``[N, 28, 28]`` as stored on the device; the model sees float
 ``[B, 28, 28, 1]``; labels are int ``[B]``; logits float32 ``[B, C]``.
@@ -270,6 +270,49 @@ def train_chunk(
     unroll = backend.scan_unroll(one_step, carry, num_steps)
     (state, total), _ = lax.scan(one_step, carry, None, length=num_steps, unroll=unroll)
     return state, total
+
+
+def eval_step(
+    apply: Any,
+    variables: Variables,
+    images: jax.Array,
+    labels: jax.Array,
+    num_valid: jax.Array,
+    sums: Sums,
+    *,
+    num_classes: int,
+) -> tuple[jax.Array, Sums]:
+    """Evaluates one batch: the training step's :func:`cross_entropy`, summed on the device.
+
+    Args:
+      apply: ``(variables, images [B, 28, 28]) -> logits [B, C]``, the model in inference mode.
+      images: ``[B, 28, 28]``, the first ``num_valid`` real and the rest padding.
+      labels: int ``[B]``, padded alike.
+      num_valid: int scalar, how many rows of the batch count.
+      sums: running sums (``loss`` f32, ``correct`` and ``count`` int32) the batch is added to.
+
+    Returns:
+      The logits float32 ``[B, C]`` (padding rows included) and ``sums`` plus the batch's
+      summed cross-entropy, correct count and size, padding rows left out.
+    """
+    logits = apply(variables, images)
+    valid = jnp.arange(labels.shape[0]) < num_valid
+    loss = jnp.where(valid, cross_entropy(logits, labels, num_classes), 0.0)
+    batch = {
+        "loss": jnp.sum(loss),
+        "correct": jnp.sum(valid & (jnp.argmax(logits, -1) == labels)).astype(jnp.int32),
+        "count": jnp.asarray(num_valid, jnp.int32),
+    }
+    return logits, jax.tree.map(jnp.add, sums, batch)
+
+
+def mean_metrics(sums: Sums) -> dict[str, float]:
+    """Mean ``loss`` and ``accuracy`` of host ``sums`` (as :func:`eval_step` or the training
+    steps add them up)."""
+    return {
+        "loss": float(sums["loss"] / sums["count"]),
+        "accuracy": float(sums["correct"] / sums["count"]),
+    }
 
 
 def epoch_order(key: jax.Array, epoch: jax.Array, num_examples: int) -> jax.Array:

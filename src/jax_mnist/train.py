@@ -14,7 +14,7 @@ import dataclasses
 import functools
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +32,8 @@ from jax_mnist.config import Config
 from jax_mnist.data import Arrays, load_dataset
 from jax_mnist.data.datasets import DATASETS, DatasetInfo, split_validation
 from jax_mnist.errors import UserError, write_failure
-from jax_mnist.inference import make_batched_predict
+from jax_mnist.inference import make_batched_evaluate, make_batched_predict
 from jax_mnist.logs import RunLogger
-from jax_mnist.metrics import classification_metrics
 from jax_mnist.models import compute_dtype, model_from_config, split_variables
 from jax_mnist.optim import create_optimizer
 from jax_mnist.parallel import (
@@ -149,8 +148,7 @@ def make_train_chunk_fn(setup: Setup, batch_size: int, steps_per_epoch: int):
 def make_predict_fn(setup: Setup) -> Callable[[Variables, np.ndarray], np.ndarray]:
     """``(variables, images [N, 28, 28]) -> logits`` float32 ``[N, C]`` (NumPy): the run's
     model through :func:`~jax_mnist.inference.make_batched_predict`, sharded over its mesh in
-    batches of ``eval_batch_size``, the last padded to a full one: one compiled shape serves the
-    validation split every epoch and the test set at the end."""
+    batches of ``eval_batch_size``, the last padded to a full one."""
     predict = make_batched_predict(
         functools.partial(steps.apply_variables, settings=setup.settings),
         setup.mesh,
@@ -160,12 +158,28 @@ def make_predict_fn(setup: Setup) -> Callable[[Variables, np.ndarray], np.ndarra
     return functools.partial(predict, batch_size=setup.config.eval_batch_size)
 
 
+def make_evaluate_fn(setup: Setup) -> Callable[..., tuple[np.ndarray, dict[str, float]]]:
+    """``(variables, images [N, 28, 28], labels [N]) -> (logits, metrics)``: the run's model
+    through :func:`~jax_mnist.inference.make_batched_evaluate` (the loss of
+    :func:`~jax_mnist.steps.eval_step`, summed on the devices), sharded over its mesh in
+    batches of ``eval_batch_size``, the last padded to a full one: one compiled shape serves
+    the validation split every epoch and the test set at the end."""
+    evaluate = make_batched_evaluate(
+        functools.partial(steps.apply_variables, settings=setup.settings),
+        setup.mesh,
+        setup.info.num_classes,
+        one_shape=True,
+    )
+    return functools.partial(evaluate, batch_size=setup.config.eval_batch_size)
+
+
 def evaluate_arrays(
-    predict_fn, state: steps.TrainState, images: np.ndarray, labels: np.ndarray, config: Config
+    evaluate_fn, state: steps.TrainState, images: np.ndarray, labels: np.ndarray, config: Config
 ) -> tuple[dict[str, Any], np.ndarray]:
-    """Metrics and logits ``[N, C]`` of ``state``'s evaluation weights on a dataset split."""
-    logits = predict_fn(steps.eval_variables(state, config.ema_decay), images)
-    return classification_metrics(logits, labels, DATASETS[config.dataset].num_classes), logits
+    """Mean loss and accuracy, and logits ``[N, C]``, of ``state``'s evaluation weights on a
+    dataset split (``evaluate_fn`` from :func:`make_evaluate_fn`)."""
+    logits, metrics = evaluate_fn(steps.eval_variables(state, config.ema_decay), images, labels)
+    return metrics, logits
 
 
 def prepare_jax(config: Config) -> None:
@@ -191,8 +205,7 @@ def train_and_evaluate(
       config: the run's settings; checked by :func:`resolve_run` against the run being resumed.
       workdir: the run directory; created if needed.
       resume: require a checkpoint to resume from (an error if there is none).
-      evaluate_test: False never loads the test set (its files are not even opened) and skips
-        the final test evaluation: what a hyperparameter search needs.
+      evaluate_test: False skips the test set (its files are not even opened), as a search does.
       on_epoch: called with each epoch's record (``val_accuracy`` among its keys) after the
         epoch's checkpoint is saved; an exception it raises (e.g. a pruned trial) stops training.
 
@@ -204,12 +217,68 @@ def train_and_evaluate(
     workdir = Path(workdir)
     prepare_jax(config)
     config = resolve_run(workdir, config, resume=resume)
-    main = is_main_process()  # only process 0 writes files
     mesh = create_mesh(config.devices, config.batch_size)  # devices checked before any file is written
     # The data too: a damaged file, or a setting the dataset cannot meet, leaves no run directory.
     arrays = load_dataset(config, test=evaluate_test)
     config.check_against_data(len(arrays.train_images))
-    # One writer per run directory: process 0 holds its lock until every file is closed.
+    with _run_files(workdir, config) as (logger, checkpoints):
+        run = _start_run(config, arrays, workdir, mesh, logger=logger, checkpoints=checkpoints)
+        state, step, best_val_accuracy, log_sums = _restore_or_create_state(run)
+        # The epoch's order and arrays, the seconds spent in its chunks, the step this process began at.
+        data, epoch_time, epoch_start = None, 0.0, 0
+        with StopSignals(f"jax-mnist train --workdir {workdir} --resume") as stop:
+            for chunk in plan_chunks(step, run.total_steps, run.steps_per_epoch, **_cadences(config)):
+                if data is None or chunk.position == 0:  # an epoch begins, or goes on after a resume
+                    data = (run.epoch_order(state.data_key, chunk.epoch), *run.train_data)
+                    if chunk.position == 0:
+                        state = state.replace(epoch_sums=put_replicated(steps.zero_sums(), mesh))
+                    epoch_time, epoch_start = 0.0, chunk.position
+                    logger.start_epoch(
+                        chunk.epoch + 1,
+                        epochs=config.epochs,
+                        steps=chunk.epoch_steps,
+                        done=epoch_start,
+                        batch_size=config.batch_size,
+                    )
+                t0 = time.perf_counter()
+                state, log_sums = run_steps(
+                    run.train_chunk, state, chunk.num_steps, config.steps_per_call, *data, sums=log_sums
+                )
+                jax.block_until_ready(log_sums)  # waits for the chunk: the only sync inside an epoch
+                epoch_time += time.perf_counter() - t0
+                step = chunk.end
+                if chunk.log:
+                    logger.log_step(epoch=chunk.epoch + 1, step=step, **steps.mean_metrics(to_host(log_sums)))
+                    log_sums = put_replicated(steps.zero_sums(), mesh)
+                record = None
+                if chunk.epoch_end:
+                    val = _validate(run, state)  # None without a validation split
+                    if val is not None:
+                        best_val_accuracy = max(best_val_accuracy or 0.0, val["accuracy"])
+                    record = _epoch_record(run, state, chunk, epoch_time, epoch_start, val, best_val_accuracy)
+                    logger.log_epoch(record)
+                # One reading of the signal decides both the save and the stop: a signal that lands
+                # in between waits for the next chunk instead of stopping without a checkpoint.
+                signum = agree_on_signal(stop.check())  # all processes stop at the same step
+                if signum is not None:
+                    stop.acknowledge()  # stopping: the save below takes what it takes
+                if chunk.checkpoint or signum is not None:
+                    meta = _checkpoint_meta(run, step, best_val_accuracy, record, log_sums, logged=chunk.log)
+                    checkpoints.save(state, meta, config, val_accuracy=(record or {}).get("val_accuracy"))
+                if signum is not None:
+                    raise _interrupted(run, step, signum)
+                if record is not None and on_epoch is not None:
+                    on_epoch(record)
+        test = _evaluate_test(run, state, arrays) if evaluate_test else None
+        return _final_record(run, step, test, best_val_accuracy, time.perf_counter() - t_start)
+
+
+@contextlib.contextmanager
+def _run_files(workdir: Path, config: Config) -> Iterator[tuple[RunLogger, Checkpoints]]:
+    """The run directory's logger and checkpoints, open while training; process 0 alone writes
+    files, and holds the directory's lock until every file is closed. A write the file system
+    refuses (a full disk, a read-only directory) becomes one line naming the file."""
+    main = is_main_process()
     with DirectoryLock(workdir, TRAIN_LOCK, TRAIN_HOLDER) if main else contextlib.nullcontext():
         try:
             with (
@@ -218,20 +287,7 @@ def train_and_evaluate(
                 ) as logger,
                 Checkpoints(workdir, config.keep) as checkpoints,
             ):
-                run = _start_run(config, arrays, workdir, mesh, logger=logger, checkpoints=checkpoints)
-                state, progress = _restore_or_create_state(run)
-                state = _train_loop(run, state, progress, on_epoch)
-                test = _evaluate_test(run, state, arrays) if evaluate_test else {}
-                final = {
-                    "step": progress.step,
-                    "test_loss": test.get("loss"),
-                    "test_accuracy": test.get("accuracy"),
-                    "best_val_accuracy": progress.best_val_accuracy,
-                    "wall_time_s": time.perf_counter() - t_start,
-                }
-                if evaluate_test:
-                    logger.log_test(final)
-                return final
+                yield logger, checkpoints
         except Exception as e:
             failure = write_failure(e)
             if failure is None:
@@ -255,19 +311,7 @@ class _Run:
     val_data: tuple[np.ndarray, np.ndarray]  # on the host: evaluation copies them batch by batch
     train_chunk: Callable[..., tuple[steps.TrainState, Sums]]
     epoch_order: Callable[[jax.Array, int], jax.Array]
-    predict: Callable[[Variables, np.ndarray], np.ndarray]
-
-
-@dataclasses.dataclass
-class _Progress:
-    """The loop's bookkeeping between chunks: where it is, and what the epoch has cost."""
-
-    step: int
-    best_val_accuracy: float | None
-    log_sums: Sums  # on the devices: sums of the steps since the last log line
-    epoch_order: jax.Array | None = None  # this epoch's permutation of the training set
-    epoch_train_time: float = 0.0  # seconds this process spent in the epoch's chunks
-    epoch_first_position: int | None = None  # the step of the epoch this process began at
+    evaluate: Callable[..., tuple[np.ndarray, dict[str, float]]]  # (variables, images, labels)
 
 
 def _start_run(
@@ -303,13 +347,17 @@ def _start_run(
         epoch_order=jax.jit(
             functools.partial(steps.epoch_order, num_examples=len(train_x)), out_shardings=replicate(mesh)
         ),
-        predict=make_predict_fn(setup),
+        evaluate=make_evaluate_fn(setup),
     )
 
 
-def _restore_or_create_state(run: _Run) -> tuple[steps.TrainState, _Progress]:
-    """The latest checkpoint's state and bookkeeping when there is one, else a fresh start;
-    writes the run's ``config.json``."""
+def _restore_or_create_state(run: _Run) -> tuple[steps.TrainState, int, float | None, Sums]:
+    """The latest checkpoint's state when there is one, else a fresh start; writes the run's
+    ``config.json`` and drops the log records of steps after it.
+
+    Returns ``(state, step, best_val_accuracy, log_sums)``: the sums, on the devices, of the
+    steps since the last log line (a checkpoint between two log points keeps them).
+    """
     restored = run.checkpoints.restore(abstract_train_state(run.setup), warn=run.logger.print)
     meta: dict[str, Any] = {}
     if restored is None:
@@ -322,142 +370,89 @@ def _restore_or_create_state(run: _Run) -> tuple[steps.TrainState, _Progress]:
     if run.main:
         run.workdir.mkdir(parents=True, exist_ok=True)
         write_atomically(run.workdir / "config.json", run.config.to_json() + "\n")
-    # A checkpoint between two log points keeps the sums of the steps since the first.
     log_sums = steps.sums_from_json(meta["log_sums"]) if meta.get("log_sums") else steps.zero_sums()
-    progress = _Progress(step, meta.get("best_val_accuracy"), put_replicated(log_sums, run.setup.mesh))
-    return state, progress
+    return state, step, meta.get("best_val_accuracy"), put_replicated(log_sums, run.setup.mesh)
 
 
-def _train_loop(
+def _cadences(config: Config) -> dict[str, int]:
+    """When ``config`` logs and saves, as :func:`plan_chunks` takes it."""
+    return {
+        "log_every": config.log_every,
+        "checkpoint_every": config.checkpoint_every,
+        "checkpoint_every_steps": config.checkpoint_every_steps,
+    }
+
+
+def _epoch_record(
     run: _Run,
     state: steps.TrainState,
-    progress: _Progress,
-    on_epoch: Callable[[dict[str, Any]], None] | None,
-) -> steps.TrainState:
-    """Runs the planned chunks from ``progress.step`` to the end of training; between chunks,
-    logs, evaluates at epoch ends, saves checkpoints and stops on a signal."""
-    config = run.config
-    chunks = plan_chunks(
-        progress.step,
-        run.total_steps,
-        run.steps_per_epoch,
-        log_every=config.log_every,
-        checkpoint_every=config.checkpoint_every,
-        checkpoint_every_steps=config.checkpoint_every_steps,
-    )
-    with StopSignals(f"jax-mnist train --workdir {run.workdir} --resume") as stop:
-        for chunk in chunks:
-            state = _begin_chunk(run, state, progress, chunk)
-            t0 = time.perf_counter()
-            state, progress.log_sums = run_steps(
-                run.train_chunk,
-                state,
-                chunk.num_steps,
-                config.steps_per_call,
-                progress.epoch_order,
-                *run.train_data,
-                sums=progress.log_sums,
-            )
-            jax.block_until_ready(progress.log_sums)  # waits for the chunk: the only sync inside an epoch
-            progress.epoch_train_time += time.perf_counter() - t0
-            progress.step = chunk.end
-            if chunk.log:
-                _log_step(run, progress, epoch=chunk.epoch + 1)
-            record = _end_of_epoch(run, state, progress, epoch=chunk.epoch + 1) if chunk.epoch_end else None
-            # One reading of the signal decides both the save and the stop: a signal that lands
-            # in between waits for the next chunk instead of stopping without a checkpoint.
-            signum = agree_on_signal(stop.check())  # all processes stop at the same step
-            if signum is not None:
-                stop.acknowledge()  # stopping: the save below takes what it takes
-            if chunk.checkpoint or signum is not None:
-                _save(run, state, progress, record, logged=chunk.log)
-            if signum is not None:
-                raise _interrupted(run, progress.step, signum)
-            if record is not None and on_epoch is not None:
-                on_epoch(record)
-    return state
-
-
-def _begin_chunk(run: _Run, state: steps.TrainState, progress: _Progress, chunk: Chunk) -> steps.TrainState:
-    """At an epoch's first chunk (or the first after a resume): its data order, zeroed epoch
-    sums, its clock and its progress line."""
-    position = chunk.start - chunk.epoch * run.steps_per_epoch
-    if progress.epoch_order is None or position == 0:
-        progress.epoch_order = run.epoch_order(state.data_key, chunk.epoch)
-    if position == 0:
-        state = state.replace(epoch_sums=put_replicated(steps.zero_sums(), run.setup.mesh))
-    if progress.epoch_first_position is None or position == 0:
-        progress.epoch_train_time, progress.epoch_first_position = 0.0, position
-        run.logger.start_epoch(
-            chunk.epoch + 1,
-            epochs=run.config.epochs,
-            steps=_epoch_steps(run, chunk.epoch),
-            done=position,
-            batch_size=run.config.batch_size,
-        )
-    return state
-
-
-def _epoch_steps(run: _Run, epoch: int) -> int:
-    """Steps in ``epoch`` (0-based): the last is shorter when the run ends part way through it."""
-    return min(run.steps_per_epoch, run.total_steps - epoch * run.steps_per_epoch)
-
-
-def _log_step(run: _Run, progress: _Progress, *, epoch: int) -> None:
-    totals = to_host(progress.log_sums)
-    run.logger.log_step(
-        epoch=epoch,
-        step=progress.step,
-        loss=float(totals["loss"] / totals["count"]),
-        accuracy=float(totals["correct"] / totals["count"]),
-    )
-    progress.log_sums = put_replicated(steps.zero_sums(), run.setup.mesh)
-
-
-def _end_of_epoch(run: _Run, state: steps.TrainState, progress: _Progress, *, epoch: int) -> dict[str, Any]:
-    """The epoch's record (training and validation metrics, speed), logged."""
-    sums = to_host(state.epoch_sums)
-    images_trained = (
-        _epoch_steps(run, epoch - 1) - (progress.epoch_first_position or 0)
-    ) * run.config.batch_size
-    train_time = progress.epoch_train_time
+    chunk: Chunk,
+    train_time: float,
+    epoch_start: int,
+    val: dict[str, Any] | None,
+    best_val_accuracy: float | None,
+) -> dict[str, Any]:
+    """The record of the epoch ``chunk`` ends: its training loss and accuracy, its speed over
+    the steps this process ran (from ``epoch_start``) in ``train_time`` seconds, and the
+    validation metrics ``val`` (None without a validation split)."""
+    images_trained = (chunk.epoch_steps - epoch_start) * run.config.batch_size
     record: dict[str, Any] = {
-        "epoch": epoch,
-        "step": progress.step,
-        "train_loss": float(sums["loss"] / sums["count"]),
-        "train_accuracy": float(sums["correct"] / sums["count"]),
+        "epoch": chunk.epoch + 1,
+        "step": chunk.end,
+        **{f"train_{k}": v for k, v in steps.mean_metrics(to_host(state.epoch_sums)).items()},
         "epoch_time_s": train_time,
         "images_per_s": images_trained / max(train_time, 1e-9),
     }
-    val_images, val_labels = run.val_data
-    if len(val_labels):
-        metrics, _ = evaluate_arrays(run.predict, state, val_images, val_labels, run.config)
-        progress.best_val_accuracy = max(progress.best_val_accuracy or 0.0, metrics["accuracy"])
-        record.update(
-            val_loss=metrics["loss"],
-            val_accuracy=metrics["accuracy"],
-            best_val_accuracy=progress.best_val_accuracy,
-        )
-    run.logger.log_epoch(record)
+    if val is not None:
+        record.update(val_loss=val["loss"], val_accuracy=val["accuracy"], best_val_accuracy=best_val_accuracy)
     return record
 
 
-def _save(
-    run: _Run, state: steps.TrainState, progress: _Progress, record: dict[str, Any] | None, *, logged: bool
-) -> None:
-    """Saves a checkpoint with what a resume needs: the step, the best validation accuracy,
-    and the sums of the steps since the last log line (none right after one)."""
+def _validate(run: _Run, state: steps.TrainState) -> dict[str, Any] | None:
+    """Metrics of ``state`` on the validation split; None when the run holds none out."""
+    images, labels = run.val_data
+    return evaluate_arrays(run.evaluate, state, images, labels, run.config)[0] if len(labels) else None
+
+
+def _final_record(
+    run: _Run, step: int, test: dict[str, Any] | None, best_val_accuracy: float | None, wall_time: float
+) -> dict[str, Any]:
+    """What :func:`train_and_evaluate` returns; logged as the test record when ``test`` has
+    the test metrics (None when the run skipped the test set)."""
+    final = {
+        "step": step,
+        "test_loss": test and test["loss"],
+        "test_accuracy": test and test["accuracy"],
+        "best_val_accuracy": best_val_accuracy,
+        "wall_time_s": wall_time,
+    }
+    if test is not None:
+        run.logger.log_test(final)
+    return final
+
+
+def _checkpoint_meta(
+    run: _Run,
+    step: int,
+    best_val_accuracy: float | None,
+    record: dict[str, Any] | None,
+    log_sums: Sums,
+    *,
+    logged: bool,
+) -> dict[str, Any]:
+    """What a checkpoint records beside the state for a resume: the step, the best validation
+    accuracy, the sums of the steps since the last log line (None right after one), and the
+    epoch's metrics when it ends one."""
     meta = {
-        "step": progress.step,
-        "epoch": progress.step / run.steps_per_epoch,
+        "step": step,
+        "epoch": step / run.steps_per_epoch,
         "steps_per_epoch": run.steps_per_epoch,
-        "best_val_accuracy": progress.best_val_accuracy,
-        "log_sums": None if logged else steps.sums_to_json(to_host(progress.log_sums)),
+        "best_val_accuracy": best_val_accuracy,
+        "log_sums": None if logged else steps.sums_to_json(to_host(log_sums)),
     }
     if record:
         meta.update({k: v for k, v in record.items() if k.startswith(("val_", "train_"))})
-    val_accuracy = record.get("val_accuracy") if record else None
-    run.checkpoints.save(state, meta, run.config, val_accuracy=val_accuracy)
+    return meta
 
 
 def _interrupted(run: _Run, step: int, signum: int) -> TrainingInterrupted:
@@ -472,7 +467,7 @@ def _interrupted(run: _Run, step: int, signum: int) -> TrainingInterrupted:
 def _evaluate_test(run: _Run, state: steps.TrainState, arrays: Arrays) -> dict[str, Any]:
     """Test metrics, once, at the end; process 0 keeps the predictions for reports."""
     images, labels = arrays.test_split()
-    metrics, logits = evaluate_arrays(run.predict, state, images, labels, run.config)
+    metrics, logits = evaluate_arrays(run.evaluate, state, images, labels, run.config)
     if run.main:
         save_npz_atomically(run.workdir / "test_predictions.npz", logits=logits, labels=labels)
     return metrics
