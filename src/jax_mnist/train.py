@@ -119,7 +119,7 @@ def create_train_state(setup: Setup) -> steps.TrainState:
     return jax.jit(
         setup.initial_state,
         out_shardings=replicate(setup.mesh),
-        compiler_options=runtime.run_once_compiler_options(),
+        compiler_options=backend.compiler_options("init"),
     )()
 
 
@@ -143,7 +143,7 @@ def make_train_chunk_fn(setup: Setup, batch_size: int, steps_per_epoch: int):
         ),
         static_argnames="num_steps",
         donate_argnums=0,
-        compiler_options=backend.training_compiler_options(),
+        compiler_options=backend.compiler_options("train"),
     )
 
 
