@@ -301,9 +301,10 @@ def compiler_options(program: str) -> dict[str, Any] | None:
       ``reduce-window`` loop nests: the speedrun's chunk holds 21, against 5 (max pooling's)
       with reductions in YNNPACK, and the same 8 convolutions in Eigen. Against YNNPACK off,
       the chunk of 20 steps ran 1.62x faster for the speedrun and 1.16x for the seed CNN
-      (JAX 0.10.2, medians of 3 alternated rounds; ``reduce`` alone and ``reduce,eltwise``
-      gained less). oneDNN's custom calls (``xla_cpu_experimental_onednn_custom_call``)
-      rewrite nothing in these programs: the optimized HLO is the same with them.
+      on JAX 0.10.2, and the speedrun's 1.11x on 0.12.1 (medians of 3 alternated rounds;
+      ``reduce`` alone and ``reduce,eltwise`` gained less). oneDNN's custom calls
+      (``xla_cpu_experimental_onednn_custom_call``) rewrite nothing on JAX 0.10.2 and take
+      the convolutions on 0.12.1, where the speedrun's chunk ran 0.82x as fast with them.
     - **eval**: XLA's defaults: the forward pass becomes one YNNPACK fusion, convolutions,
       dots and pooling included, 2.6x faster than with YNNPACK off (the seed CNN, batches of
       1,000); the sets with reductions give the same program.
