@@ -138,10 +138,12 @@ def torch_or_none():
     return torch
 
 
-def run_jax_train(jax_args: list[str], python: str | None = None) -> tuple[float, float | None]:
+def run_jax_train(
+    jax_args: list[str], python: str | None = None, *, split: str = "test"
+) -> tuple[float, float | None]:
     """One ``jax-mnist train ARGS`` in a fresh process (of ``python``, by default this one) and a
-    temporary run directory: ``(wall seconds from launch to exit, final test accuracy or None
-    if it failed)``."""
+    temporary run directory: ``(wall seconds from launch to exit, final accuracy on ``split``,
+    test or val (the last epoch's), or None if it failed)``."""
     import json
     import subprocess
     import sys
@@ -155,8 +157,9 @@ def run_jax_train(jax_args: list[str], python: str | None = None) -> tuple[float
         wall = time.perf_counter() - t0
         metrics = Path(workdir, "metrics.jsonl")
         records = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
-    tests = [r for r in records if r.get("kind") == "test"]
-    if proc.returncode or not tests:
+    kind, key = ("test", "test_accuracy") if split == "test" else ("epoch", "val_accuracy")
+    found = [r[key] for r in records if r.get("kind") == kind and r.get(key) is not None]
+    if proc.returncode or not found:
         print(proc.stderr[-2000:])
         return wall, None
-    return wall, tests[-1]["test_accuracy"]
+    return wall, found[-1]

@@ -12,11 +12,12 @@ import pytest
 from flax import nnx
 from jax import lax
 
-from jax_mnist import backend, runtime
+from jax_mnist import backend
 from jax_mnist.models import build_model, smallcnn
 
 NHWC = ("NHWC", "HWIO", "NHWC")
-YNN_OFF = {"xla_cpu_experimental_ynn_fusion_type": ""}
+YNN = "xla_cpu_experimental_ynn_fusion_type"
+TRAIN = {YNN: "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
 @pytest.mark.parametrize(
@@ -108,18 +109,49 @@ def test_scan_unroll_loops_canonical_gradients_and_unrolls_the_others():
     assert backend.scan_unroll(untraceable, w, 1) is True
 
 
-def test_training_compiler_options_leave_a_users_xla_flags_alone(monkeypatch):
-    backend.training_compiler_options.cache_clear()
-    try:
-        monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=individual_dot")
-        assert backend.training_compiler_options() == {}
-        backend.training_compiler_options.cache_clear()
-        monkeypatch.delenv("XLA_FLAGS")
-        expected = YNN_OFF if jax.default_backend() == "cpu" else {}
-        # An XLA that dropped the option would make this fail: time to look at the fast path again.
-        assert backend.training_compiler_options() == expected
-    finally:
-        backend.training_compiler_options.cache_clear()
+@pytest.fixture
+def fresh_options(monkeypatch):
+    """compiler_options computed afresh, without the user's XLA_FLAGS, and forgotten after."""
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    backend._cpu_options.cache_clear()
+    yield
+    backend._cpu_options.cache_clear()
+
+
+def test_each_program_gets_its_options_and_a_users_xla_flags_win(fresh_options, monkeypatch):
+    cpu = jax.default_backend() == "cpu"
+    # An XLA that dropped an option or a value would make this fail: time to measure again.
+    assert backend.compiler_options("train") == (TRAIN if cpu else None)
+    assert backend.compiler_options("init") == ({"xla_backend_optimization_level": 1} if cpu else None)
+    assert backend.compiler_options("eval") is None  # XLA's defaults
+    assert backend.compiler_flags("train") == (
+        ["--xla_cpu_experimental_ynn_fusion_type=reduce,individual_dot"] if cpu else []
+    )
+    with pytest.raises(ValueError, match="unknown program 'training'"):
+        backend.compiler_options("training")
+    backend._cpu_options.cache_clear()
+    monkeypatch.setenv("XLA_FLAGS", f"--{YNN}=individual_dot")
+    assert backend.compiler_options("train") is None
+    assert backend.compiler_flags("train") == []
+
+
+def test_the_options_spelled_for_jit_are_taken_and_change_the_program(fresh_options):
+    if jax.default_backend() != "cpu":
+        pytest.skip("XLA:CPU's options")
+
+    def f(x):  # a reduction, then a dot
+        return (x - x.mean(0)) @ x.T
+
+    def compiled(options):
+        return (
+            jax.jit(f, compiler_options=options).lower(jax.ShapeDtypeStruct((64, 64), jnp.float32)).compile()
+        )
+
+    with pytest.raises(Exception, match="not a valid enum value"):  # XLA_FLAGS' spelling
+        compiled({YNN: "reduce"})
+    assert '"__ynn_fusion"' not in compiled({YNN: ""}).as_text()
+    assert '"__ynn_fusion"' in compiled(backend.compiler_options("train")).as_text()
+    assert backend.ynn_fusion_type(()) == ""
 
 
 # --- Private JAX names: the real path, and the fallback when the name is gone ---------------
@@ -131,32 +163,28 @@ def test_a_missing_private_name_reads_as_none():
     assert backend._private("jax._src.lib", "_jax") is not None  # the real path on this JAX
 
 
-def test_backends_initialized_asks_jax_and_falls_back_to_false(monkeypatch):
+def test_backend_started_asks_jax_and_falls_back_to_false(monkeypatch):
     import jax._src.xla_bridge as xla_bridge
 
     jax.devices()  # started, whatever ran before
-    assert backend.backends_initialized() is True
-    assert runtime.backend_started() is True
+    assert backend.backend_started() is True
     monkeypatch.delattr(xla_bridge, "backends_are_initialized")
-    assert backend.backends_initialized() is False
-    assert runtime.backend_started() is False
+    assert backend.backend_started() is False
 
 
-def test_xla_debug_options_are_read_and_a_compile_is_the_fallback(monkeypatch):
+def test_xla_debug_options_are_read_and_a_compile_is_the_fallback(fresh_options, monkeypatch):
     import jax._src.lib as jax_lib
 
-    option = "xla_cpu_experimental_ynn_fusion_type"
-    backend.training_compiler_options.cache_clear()
-    monkeypatch.delenv("XLA_FLAGS", raising=False)
-    try:
-        # The real path: this XLA's default debug options name the option (on the CPU build).
-        if jax.default_backend() == "cpu":
-            assert backend._default_debug_options_name(option) is True
-        assert backend._default_debug_options_name("no_such_option_anywhere") is False
-        expected = YNN_OFF if jax.default_backend() == "cpu" else {}
-        # Without jaxlib's private _jax, XLA is asked by compiling a trivial program instead.
-        monkeypatch.delattr(jax_lib, "_jax")
-        assert backend._default_debug_options_name(option) is False
-        assert backend.training_compiler_options() == expected
-    finally:
-        backend.training_compiler_options.cache_clear()
+    value = TRAIN[YNN]
+    # The real path: this XLA's default debug options name the option and both values.
+    if jax.default_backend() == "cpu":
+        assert f"{YNN}:" in backend._default_debug_options()
+        assert backend._xla_knows(YNN, value)
+    assert not backend._xla_knows("no_such_option_anywhere", 1)
+    assert not backend._xla_knows(YNN, "LIBRARY_FUSION_TYPE_NO_SUCH_TYPE")
+    expected = backend.compiler_options("train")
+    backend._cpu_options.cache_clear()
+    # Without jaxlib's private _jax, XLA is asked by compiling a trivial program instead.
+    monkeypatch.delattr(jax_lib, "_jax")
+    assert backend._default_debug_options() == ""
+    assert backend.compiler_options("train") == expected

@@ -69,7 +69,7 @@ def test_help_explains_each_flag_and_default():
 
 @pytest.mark.slow  # five epochs of the seed CNN, as the seed trained them
 def test_mnist_jax_is_the_seed_pipeline_in_one_readable_file(tmp_path):
-    from jax_mnist.backend import training_compiler_options
+    from jax_mnist.backend import compiler_flags
 
     script = REPO / "mnist_jax.py"
     assert len(script.read_text().splitlines()) <= 150
@@ -77,7 +77,7 @@ def test_mnist_jax_is_the_seed_pipeline_in_one_readable_file(tmp_path):
     # rather than YNNPACK, as `jax-mnist train` runs them (faster: docs/performance.md).
     # Nothing is added where this XLA does not know the option, or on another backend.
     xla_flags = [os.environ.get("XLA_FLAGS", "")]
-    xla_flags += [f"--{name}={value}" for name, value in training_compiler_options().items()]
+    xla_flags += compiler_flags("train")
     result = subprocess.run(
         [sys.executable, str(script)],
         cwd=tmp_path,

@@ -83,3 +83,40 @@ def test_gradient_clipping_bounds_the_global_norm():
     assert float(optax.tree.norm(updates)) == pytest.approx(1.0, rel=1e-5)
     updates, _ = plain.update(grads, plain.init(PARAMS), PARAMS)
     assert float(optax.tree.norm(updates)) == pytest.approx(float(optax.tree.norm(grads)), rel=1e-5)
+
+
+def test_every_optimizer_choice_has_an_entry_reading_config_fields():
+    from jax_mnist.config import FIELDS, SEARCHABLE_FIELDS
+    from jax_mnist.optim import OPTIMIZERS
+
+    assert set(OPTIMIZERS) == set(FIELDS["optimizer"].metadata["choices"])
+    for entry in OPTIMIZERS.values():
+        assert set(entry.reads) <= set(FIELDS)
+    assert {"b1", "b2"} <= SEARCHABLE_FIELDS
+
+
+@pytest.mark.parametrize(("optimizer", "kwargs"), [("adam", {}), ("adamw", {"weight_decay": 0.0})])
+def test_adam_betas_default_to_optax_and_change_the_updates(optimizer, kwargs):
+    grads = [jax.tree.map(lambda p, k=k: (k + 1.0) * jnp.ones_like(p) * (-1) ** k, PARAMS) for k in range(3)]
+
+    def updates(tx):
+        state, out = tx.init(PARAMS), []
+        for g in grads:
+            u, state = tx.update(g, state, PARAMS)
+            out.append(u)
+        return out
+
+    default = getattr(optax, optimizer)(1e-2, **kwargs)
+    ours = create_optimizer(Config(optimizer=optimizer, lr=1e-2), SPE)
+    for a, b in zip(jax.tree.leaves(updates(default)), jax.tree.leaves(updates(ours)), strict=True):
+        np.testing.assert_array_equal(a, b)  # the same bits as before the betas were settings
+    betas = create_optimizer(Config(optimizer=optimizer, lr=1e-2, b1=0.7, b2=0.9), SPE)
+    wanted = getattr(optax, optimizer)(1e-2, b1=0.7, b2=0.9, **kwargs)
+    for a, b, c in zip(
+        jax.tree.leaves(updates(wanted)),
+        jax.tree.leaves(updates(betas)),
+        jax.tree.leaves(updates(default)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+        assert not np.array_equal(b, c)

@@ -59,7 +59,7 @@ def test_fast_training_matches_the_straightforward_version(monkeypatch):
     chunk = jax.jit(
         functools.partial(steps.train_chunk, settings=setup.settings, batch_size=128, steps_per_epoch=8),
         static_argnames="num_steps",
-        compiler_options=backend.training_compiler_options(),
+        compiler_options=backend.compiler_options("train"),
     )
     fast_state, fast_sums = chunk(train.create_train_state(setup), order, images, labels, num_steps=8)
     assert (

@@ -66,7 +66,7 @@ import os, sys
 import jax_mnist.runtime as runtime
 original, started = runtime.use_deterministic_ops, []
 def spy(**kw):
-    started.append(runtime.backend_started())
+    started.append(runtime._backend_started())
     return original(**kw)
 runtime.use_deterministic_ops = spy
 from jax_mnist.cli import main

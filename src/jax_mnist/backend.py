@@ -24,11 +24,15 @@ the convolution gradients) a result:
   is built, for the models whose registry entry asks for it (``fast_conv_gradients``).
 - **Scanned or unrolled steps.** :func:`scan_unroll` loops a chunk of training steps in a
   ``lax.scan`` when its body loops well (:func:`loops_well`), and unrolls it otherwise.
-- **Compiler options.** :func:`training_compiler_options` turns YNNPACK off for the training
-  step on the CPU.
+- **Compiler options.** :func:`compiler_options` gives each compiled program (training,
+  evaluation, initialization) the XLA:CPU options measured fastest for it, and
+  :func:`compiler_flags` the same as ``XLA_FLAGS`` spells them.
+- **Processes and backends.** :func:`backend_started` (after which ``XLA_FLAGS`` is no longer
+  read) and :func:`multi_process_cpu` (a run of several processes on CPUs, which does without
+  the compilation cache: see ``runtime.use_compilation_cache``).
 - **Private JAX names.** Each is read here only, through :func:`_private`, with a fallback
-  for a JAX that no longer has it: :func:`backends_initialized` and the XLA debug options read
-  by :func:`training_compiler_options`.
+  for a JAX that no longer has it: :func:`backend_started` and the XLA debug options read
+  by :func:`compiler_options`.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ def _private(module: str, name: str) -> Any:
         return None
 
 
-def backends_initialized() -> bool:
+def backend_started() -> bool:
     """Whether JAX has started its backends (after which ``XLA_FLAGS`` is not read again).
 
     Asks JAX's private ``xla_bridge``; where that is gone, False, and JAX is not started by
@@ -243,51 +247,128 @@ def scan_unroll(body: Callable[[Any, None], tuple[Any, Any]], carry: Any, length
 
 # --- Compiler options -----------------------------------------------------------------------
 
-_YNN_OFF = {"xla_cpu_experimental_ynn_fusion_type": ""}
+PROGRAMS = ("train", "eval", "init")
+
+# XLA:CPU's library fusions: which ops it may hand to YNNPACK. XLA_FLAGS spells them in lower
+# case (``--xla_cpu_experimental_ynn_fusion_type=reduce,individual_dot``); the compile options
+# of ``jax.jit`` take the enum's own names (``LIBRARY_FUSION_TYPE_REDUCE,...``) and refuse the
+# short ones. XLA's default (JAX 0.10.2 and 0.12.1): individual_dot, individual_convolution,
+# reduce.
+YNN_FUSION_TYPES = ("reduce", "individual_dot", "dot", "eltwise", "individual_convolution")
+_YNN = "xla_cpu_experimental_ynn_fusion_type"
+
+# Each program's choice, measured by benchmarks/xla_options.py (see compiler_options).
+_CHOICES: dict[str, dict[str, Any]] = {
+    "train": {_YNN: ("reduce", "individual_dot")},
+    "eval": {},
+    "init": {"xla_backend_optimization_level": 1},
+}
+
+
+def ynn_fusion_type(types: Sequence[str]) -> str:
+    """``types`` (names from :data:`YNN_FUSION_TYPES`) as ``jax.jit``'s compile options spell
+    them: ``("reduce", "individual_dot")`` -> ``"LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"``;
+    none, ``""`` (no YNNPACK fusion)."""
+    return ",".join(f"LIBRARY_FUSION_TYPE_{t.upper()}" for t in types)
+
+
+def _spelled(name: str, value: Any, *, for_flags: bool) -> Any:
+    if name == _YNN:
+        return ",".join(value) if for_flags else ynn_fusion_type(value)
+    return str(value).lower() if for_flags and isinstance(value, bool) else value
+
+
+def compiler_options(program: str) -> dict[str, Any] | None:
+    """XLA's compile options for one of jax-mnist's programs, for ``jax.jit(compiler_options=)``.
+
+    ``program`` is ``"train"`` (the chunk of training steps), ``"eval"`` (the batched forward
+    pass of validation, test and inference) or ``"init"`` (a program that runs once: a model's
+    parameters, the initial training state). On XLA:CPU:
+
+    - **train**: YNNPACK for reductions and single dots, Eigen for convolutions
+      (``xla_cpu_experimental_ynn_fusion_type=reduce,individual_dot``). YNNPACK's gradient
+      convolutions, whose "kernel" is as large as the image, are slower than Eigen's (XLA's
+      default set, which sends them there: the seed CNN's chunk 0.80x, the speedrun's 0.92x
+      against YNNPACK off). But with no YNNPACK fusion at all (the choice until 0.2), XLA
+      splits every reduction, batch norm's statistics and the loss's included, into
+      ``reduce-window`` loop nests: the speedrun's chunk holds 21, against 5 (max pooling's)
+      with reductions in YNNPACK, and the same 8 convolutions in Eigen. Against YNNPACK off,
+      the chunk of 20 steps ran 1.62x faster for the speedrun and 1.16x for the seed CNN
+      on JAX 0.10.2, and the speedrun's 1.11x on 0.12.1 (medians of 3 alternated rounds;
+      ``reduce`` alone and ``reduce,eltwise`` gained less). oneDNN's custom calls
+      (``xla_cpu_experimental_onednn_custom_call``) rewrite nothing on JAX 0.10.2 and take
+      the convolutions on 0.12.1, where the speedrun's chunk ran 0.82x as fast with them.
+    - **eval**: XLA's defaults: the forward pass becomes one YNNPACK fusion, convolutions,
+      dots and pooling included, 2.6x faster than with YNNPACK off (the seed CNN, batches of
+      1,000); the sets with reductions give the same program.
+    - **init**: LLVM optimization level 1 rather than 3: 3 to 5 times faster to compile (the
+      seed CNN's training state: 1.4 s against 4.2 s on a loaded 2-core machine) and, for every
+      model and preset checked, the same bits.
+
+    Measured with ``benchmarks/xla_options.py`` on the 2-core development machine (figures
+    and the command in docs/performance.md).
+
+    None (XLA's defaults) on other backends. An option the user's ``XLA_FLAGS`` set is left
+    out, so theirs wins; so is one this XLA does not know (it keeps its default).
+    """
+    if program not in _CHOICES:
+        raise ValueError(f"unknown program {program!r}; choose from {', '.join(PROGRAMS)}")
+    options = _cpu_options(program) if jax.default_backend() == "cpu" else {}
+    return dict(options) or None
+
+
+def compiler_flags(program: str) -> list[str]:
+    """:func:`compiler_options` as ``XLA_FLAGS`` spells them (``--name=value``), for a process
+    that jax-mnist does not compile for, such as ``mnist_jax.py``."""
+    chosen = compiler_options(program) or {}
+    return [f"--{name}={_spelled(name, _CHOICES[program][name], for_flags=True)}" for name in chosen]
 
 
 @functools.cache
-def training_compiler_options() -> dict[str, str]:
-    """XLA options for the training step: on the CPU, convolutions by Eigen rather than YNNPACK.
+def _cpu_options(program: str) -> dict[str, Any]:
+    user_flags = os.environ.get("XLA_FLAGS", "")
+    options = {}
+    for name, value in _CHOICES[program].items():
+        if name in user_flags:
+            continue  # the user's own choice wins
+        spelled = _spelled(name, value, for_flags=False)
+        if _xla_knows(name, spelled):
+            options[name] = spelled
+    return options
 
-    XLA:CPU (JAX 0.10.2) hands convolutions, dots and reductions to YNNPACK by default. For
-    the forward pass that is the faster choice (evaluation of the seed CNN: 2,700 images/s
-    with YNNPACK, 1,400 without), but the gradient convolutions, whose "kernel" is as large
-    as the image, run 3 to 5 times slower there than in Eigen, and the whole training step
-    of the seed CNN ran 1.5x faster with YNNPACK off (716 against 487 images/s, 6 alternated
-    rounds). So only the jitted training chunk gets ``xla_cpu_experimental_ynn_fusion_type=``
-    (empty: no YNNPACK fusions), evaluation keeps the default.
 
-    Empty (XLA's defaults) on other backends, when the user's ``XLA_FLAGS`` already set the
-    option, or when this XLA does not know it.
-    """
-    if jax.default_backend() != "cpu" or "xla_cpu_experimental_ynn_fusion_type" in os.environ.get(
-        "XLA_FLAGS", ""
-    ):
-        return {}
-    if _default_debug_options_name("xla_cpu_experimental_ynn_fusion_type"):
-        return dict(_YNN_OFF)
+def _xla_knows(name: str, value: Any) -> bool:
+    """Whether this XLA takes option ``name`` set to ``value``: read from its default debug
+    options when they name the option and every enum value in ``value``, else asked by
+    compiling a trivial program with it."""
+    text = _default_debug_options()
+    words = value.split(",") if isinstance(value, str) and value else []
+    if f"{name}:" in text and all(word in text for word in words):
+        return True
     try:  # ask XLA itself, at the price of compiling a trivial program
-        jax.jit(lambda x: x + 1, compiler_options=_YNN_OFF).lower(
+        jax.jit(lambda x: x + 1, compiler_options={name: value}).lower(
             jax.ShapeDtypeStruct((), jnp.float32)
         ).compile()
-    except Exception:  # an XLA without the option: keep its defaults
-        return {}
-    return dict(_YNN_OFF)
+    except Exception:  # an XLA without the option or the value: keep its defaults
+        return False
+    return True
 
 
-def _default_debug_options_name(option: str) -> bool:
-    """Whether XLA's default debug options set ``option`` (so this XLA knows it), read
-    without compiling anything through jaxlib's private ``_jax``; False when that cannot be
-    read."""
+def _default_debug_options() -> str:
+    """XLA's default debug options as text (``name: value`` lines), read without compiling
+    anything through jaxlib's private ``_jax``; empty when that cannot be read."""
     xla = _private("jax._src.lib", "_jax")
     if xla is None:
-        return False
+        return ""
     try:
         # Each object held in a name: the inner ones point into the outer, which must outlive them.
         compile_options = xla.CompileOptions()
         build_options = compile_options.executable_build_options
-        text = str(build_options.debug_options)
-        return f"{option}:" in text
+        return str(build_options.debug_options)
     except Exception:  # the private API changed shape
-        return False
+        return ""
+
+
+def multi_process_cpu() -> bool:
+    """Whether this process is one of several (``jax.distributed``) training on CPUs."""
+    return jax.process_count() > 1 and jax.default_backend() == "cpu"

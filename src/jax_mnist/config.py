@@ -125,10 +125,14 @@ class Config:
     lr: float = option(1e-3, "peak learning rate", min=0.0, min_exclusive=True)
     optimizer: str = option(
         "adam",
-        "optimizer (sgd uses --momentum and --nesterov)",
+        "optimizer (sgd uses --momentum and --nesterov, adam and adamw --b1 and --b2)",
         choices=("adam", "adamw", "sgd", "rmsprop", "lion"),
     )
     momentum: float = option(0.9, "momentum of sgd and rmsprop", min=0.0, max=0.999)
+    b1: float = option(0.9, "decay of the mean of the gradients in adam and adamw", min=0.0, max=0.999)
+    b2: float = option(
+        0.999, "decay of the mean of the squared gradients in adam and adamw", min=0.0, max=0.9999
+    )
     nesterov: bool = option(False, "Nesterov momentum for sgd")
     weight_decay: float = option(
         0.0, "decoupled weight decay (adamw, lion) or L2 added to the gradient (others)", min=0.0

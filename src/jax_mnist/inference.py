@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jax_mnist import steps
+from jax_mnist.backend import compiler_options
 from jax_mnist.checkpoint import Checkpoints
 from jax_mnist.config import Config
 from jax_mnist.data.datasets import DATASETS, DatasetInfo
@@ -243,7 +244,7 @@ def make_batched_predict(
     num_devices = mesh.devices.size
     batch_sharding = NamedSharding(mesh, P("data"))
 
-    @functools.partial(jax.jit, out_shardings=replicate(mesh))
+    @functools.partial(jax.jit, out_shardings=replicate(mesh), compiler_options=compiler_options("eval"))
     def forward(variables: Variables, images: jax.Array) -> jax.Array:
         return apply(variables, jax.lax.with_sharding_constraint(images, batch_sharding))
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import jax
 import optax
 
@@ -33,23 +36,46 @@ def _decay_mask(params):
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+def _sgd(
+    learning_rate: optax.ScalarOrSchedule, momentum: float, nesterov: bool
+) -> optax.GradientTransformation:
+    # Momentum 0 is plain SGD, with no momentum trace in the optimizer's state.
+    return optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov)
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+    """One ``--optimizer``: its optax constructor and the :class:`Config` fields it reads.
+
+    ``make(learning_rate, **{field: config.field for field in reads})``; an optimizer with
+    ``decoupled_decay`` reads ``weight_decay`` itself and takes the kernels-only mask, the
+    others get ``weight_decay`` as L2 added to the gradient before them.
+    """
+
+    make: Callable[..., optax.GradientTransformation]
+    reads: tuple[str, ...] = ()
+    decoupled_decay: bool = False
+
+
+OPTIMIZERS: dict[str, Optimizer] = {
+    "adam": Optimizer(optax.adam, ("b1", "b2")),
+    "adamw": Optimizer(optax.adamw, ("b1", "b2", "weight_decay"), decoupled_decay=True),
+    "sgd": Optimizer(_sgd, ("momentum", "nesterov")),
+    "rmsprop": Optimizer(optax.rmsprop, ("momentum",)),
+    "lion": Optimizer(optax.lion, ("weight_decay",), decoupled_decay=True),
+}
+
+
 def create_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
     """The optax transformation for ``config``: clipping, weight decay, optimizer, schedule."""
-    lr = create_schedule(config, steps_per_epoch)
-    wd = config.weight_decay
-    if config.optimizer == "adamw":
-        opt = optax.adamw(lr, weight_decay=wd, mask=_decay_mask)
-    elif config.optimizer == "lion":
-        opt = optax.lion(lr, weight_decay=wd, mask=_decay_mask)
+    entry = OPTIMIZERS[config.optimizer]
+    settings = {name: getattr(config, name) for name in entry.reads}
+    if entry.decoupled_decay:
+        opt = entry.make(create_schedule(config, steps_per_epoch), **settings, mask=_decay_mask)
     else:
-        if config.optimizer == "adam":
-            opt = optax.adam(lr)
-        elif config.optimizer == "sgd":
-            opt = optax.sgd(lr, momentum=config.momentum or None, nesterov=config.nesterov)
-        else:
-            opt = optax.rmsprop(lr, momentum=config.momentum)
-        if wd > 0:
-            opt = optax.chain(optax.add_decayed_weights(wd, mask=_decay_mask), opt)
+        opt = entry.make(create_schedule(config, steps_per_epoch), **settings)
+        if config.weight_decay > 0:
+            opt = optax.chain(optax.add_decayed_weights(config.weight_decay, mask=_decay_mask), opt)
     if config.grad_clip > 0:
         opt = optax.chain(optax.clip_by_global_norm(config.grad_clip), opt)
     return opt

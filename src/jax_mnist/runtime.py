@@ -38,15 +38,15 @@ def _print_warning(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def backend_started() -> bool:
-    """Whether JAX has started its backend (after which ``XLA_FLAGS`` is not read again)."""
+def _backend_started() -> bool:
+    """Whether JAX has started its backend; False before JAX is imported, without importing it."""
     import sys
 
     if "jax" not in sys.modules:
         return False
-    from jax_mnist.backend import backends_initialized
+    from jax_mnist.backend import backend_started
 
-    return backends_initialized()
+    return backend_started()
 
 
 def use_deterministic_ops(*, warn: Callable[[str], None] = _print_warning) -> bool:
@@ -63,7 +63,7 @@ def use_deterministic_ops(*, warn: Callable[[str], None] = _print_warning) -> bo
     missing = [f for f in DETERMINISTIC_FLAGS if f.split("=")[0] not in flags]
     if not missing:
         return True
-    if backend_started():
+    if _backend_started():
         import jax
 
         if jax.default_backend() not in ("gpu", "cuda", "rocm"):
@@ -134,6 +134,8 @@ def use_compilation_cache(
         return None
     import jax
 
+    from jax_mnist.backend import multi_process_cpu
+
     if multi_process_cpu():
         # Since JAX 0.12, a CPU program loaded from the persistent cache never completes its
         # first collective across processes (Gloo): both processes wait in it for ever, while
@@ -151,22 +153,3 @@ def use_compilation_cache(
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_TIME_S)
     return path
-
-
-def multi_process_cpu() -> bool:
-    """Whether this process is one of several (``jax.distributed``) training on CPUs."""
-    import jax
-
-    return jax.process_count() > 1 and jax.default_backend() == "cpu"
-
-
-def run_once_compiler_options() -> dict[str, int] | None:
-    """Compiler options for a program that runs once (initializing a model or a training state).
-
-    On XLA:CPU, LLVM optimization level 1 rather than 3: 3 to 5 times faster to compile (the
-    seed CNN's training state: 1.4 s against 4.2 s on a loaded 2-core machine) and, for every
-    model and preset checked, the same bits. Other backends keep their defaults.
-    """
-    import jax
-
-    return {"xla_backend_optimization_level": 1} if jax.default_backend() == "cpu" else None

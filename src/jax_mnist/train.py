@@ -113,11 +113,11 @@ def create_setup(config: Config, steps_per_epoch: int, mesh: jax.sharding.Mesh |
 
 def create_train_state(setup: Setup) -> steps.TrainState:
     """The initial training state, replicated over the mesh: a program that runs once, so
-    compiled for speed of compiling (:func:`~jax_mnist.runtime.run_once_compiler_options`)."""
+    compiled for speed of compiling (:func:`~jax_mnist.backend.compiler_options` ``"init"``)."""
     return jax.jit(
         setup.initial_state,
         out_shardings=replicate(setup.mesh),
-        compiler_options=runtime.run_once_compiler_options(),
+        compiler_options=backend.compiler_options("init"),
     )()
 
 
@@ -133,7 +133,8 @@ def make_train_chunk_fn(setup: Setup, batch_size: int, steps_per_epoch: int):
     ``(state, order, images, labels, *, num_steps) -> (state, sums)``.
 
     One compilation per distinct ``num_steps``; on XLA:CPU it is compiled with the options
-    that make training fast (YNNPACK off, see ``backend.py``).
+    that make training fast (:func:`~jax_mnist.backend.compiler_options` ``"train"``: reductions
+    and single dots in YNNPACK, convolutions in Eigen).
     """
     return jax.jit(
         functools.partial(
@@ -141,7 +142,7 @@ def make_train_chunk_fn(setup: Setup, batch_size: int, steps_per_epoch: int):
         ),
         static_argnames="num_steps",
         donate_argnums=0,
-        compiler_options=backend.training_compiler_options(),
+        compiler_options=backend.compiler_options("train"),
     )
 
 

@@ -163,10 +163,10 @@ def initialize(build: Callable[[], nnx.Module]) -> nnx.Module:
     import jax
     from flax import nnx
 
-    from jax_mnist.runtime import run_once_compiler_options
+    from jax_mnist.backend import compiler_options
 
     graphdef = nnx.graphdef(nnx.eval_shape(build))
-    state = jax.jit(lambda: nnx.state(build()), compiler_options=run_once_compiler_options())()
+    state = jax.jit(lambda: nnx.state(build()), compiler_options=compiler_options("init"))()
     return nnx.merge(graphdef, state)
 
 
