@@ -120,3 +120,21 @@ def serve_run(tiny_run_one_epoch) -> Path:
     """:func:`tiny_run_one_epoch`'s directory, read only: the model of the serve tests that
     check the HTTP machinery rather than accuracy (test_serve.py, test_serve_ops.py)."""
     return tiny_run_one_epoch.workdir
+
+
+@pytest.fixture(scope="module")
+def serve_model(serve_run):
+    """:func:`serve_run`'s model restored in this process: what the servers below serve."""
+    from jax_mnist.inference import load_model
+
+    return load_model(serve_run)
+
+
+@pytest.fixture(scope="module")
+def server(serve_run, tmp_path_factory):
+    """``jax-mnist serve`` of :func:`serve_run` with the default flags, shared by a file's tests
+    that do not stop it; nothing a request sent may make it print a traceback."""
+    server = ServerProcess(serve_run, log_dir=tmp_path_factory.mktemp("log"))
+    yield server
+    output = server.stop()
+    assert "Traceback" not in output, output

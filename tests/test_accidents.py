@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import assert_same_tree, latest_state, records_without_timings, run_cli
+from helpers import assert_same_tree, latest_state, records_without_timings, run_cli, start_cli
 
 from jax_mnist.checkpoint import UNFINISHED, write_error
 from jax_mnist.errors import write_failure
@@ -45,13 +45,7 @@ def assert_same_run(workdir: Path, reference: Path, *, skip_first_test: bool = F
 
 
 def train(workdir: Path, *flags: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "jax_mnist", "train", *TINY, *flags, "--workdir", str(workdir)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    return start_cli("train", *TINY, *flags, "--workdir", str(workdir))
 
 
 @contextlib.contextmanager
