@@ -213,12 +213,15 @@ def test_a_read_only_run_directory_is_refused_before_training(tmp_path):
 # -- crash consistency ---------------------------------------------------------------------------
 
 
-# LeNet-5 (small checkpoints, quick saves), 192 steps, a line and a checkpoint every step.
-CRASH = ["--model", "lenet5", "--train-size", "2048", "--val-size", "512", "--batch-size", "32"]
+# The smallest model (an MLP of one 16-unit layer: a 51 KB checkpoint, saved in a blink, and
+# steps that take less than a save), 192 steps, a line and a checkpoint every step.
+CRASH = ["--model", "mlp", "--width", "16", "--depth", "1"]
+CRASH += ["--train-size", "2048", "--val-size", "512", "--batch-size", "32"]
 CRASH += ["--epochs", "3", "--log-every", "1", "--eval-batch-size", "512", "--checkpoint-every-steps", "1"]
 
 
 @pytest.mark.slow
+@pytest.mark.long  # 26 processes, each importing JAX: 3 min of a worker's time
 def test_sigkill_at_random_moments_always_resumes_to_the_same_result(tmp_path):
     """Kills a run with SIGKILL at 24 seeded random moments, resuming after each: the finished
     run is the uninterrupted one, bit for bit. With a checkpoint every step, many kills land

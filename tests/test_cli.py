@@ -79,7 +79,8 @@ def test_help_explains_each_flag_and_default(monkeypatch):
         assert f"{field.metadata['help']} (default: {field.default})" in entry, (flag, entry)
 
 
-@pytest.mark.slow  # five epochs of the seed CNN, as the seed trained them
+@pytest.mark.slow
+@pytest.mark.long  # five epochs of the seed CNN, as the seed trained them: 3 min
 def test_mnist_jax_is_the_seed_pipeline_in_one_readable_file(tmp_path):
     from jax_mnist.backend import training_compiler_options
 
