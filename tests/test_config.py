@@ -231,6 +231,7 @@ def test_each_result_field_is_tried_or_said_why_not():
 
 
 @pytest.mark.slow
+@pytest.mark.long  # a run per field: 30 runs of four steps, about a minute of a worker's time
 @pytest.mark.parametrize(
     "name", sorted(fields_with_role("result") - READS_OTHER_DATA - NAMES_OTHER_FIELDS - MAY_ROUND_DIFFERENTLY)
 )
