@@ -153,7 +153,7 @@ def test_option_refuses_a_role_it_does_not_know_and_a_searchable_non_result_fiel
 # record and in the state (weights and optimizer) saved after it.
 MICRO = tiny_config(
     model="mlp", width=16, depth=1, train_size=128, val_size=64, batch_size=32, epochs=1, log_every=1
-).replace(eval_batch_size=64, tensorboard=False)
+).replace(eval_batch_size=64)
 # Result fields whose effect shows only beside another setting: the reference runs with it too.
 CONTEXT = {
     "momentum": {"optimizer": "sgd"},
