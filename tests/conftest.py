@@ -41,11 +41,28 @@ def tiny():
     return tiny_config
 
 
+def _once_per_session(tmp_path_factory, name: str, make) -> tuple[Path, dict]:
+    """``make(workdir) -> outcome`` (a JSON-able dict) run once per test session rather than
+    once per pytest-xdist worker: the first worker that needs it runs it in the session's folder
+    (above every worker's own) under a lock the others wait on, and writes the outcome next to
+    it for them to read. Returns the work directory and the outcome."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    workdir, outcome = shared / name / "run", shared / name / "outcome.json"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released on close, or when the holder dies
+        if not outcome.exists():
+            shutil.rmtree(workdir.parent, ignore_errors=True)  # what a failed try left
+            workdir.parent.mkdir(parents=True)
+            outcome.write_text(json.dumps(make(workdir)))
+    return workdir, json.loads(outcome.read_text())
+
+
 def _train_once(tmp_path_factory, name: str, config: Config) -> TrainedRun:
     from jax_mnist.train import train_and_evaluate
 
-    workdir = tmp_path_factory.mktemp(name) / "run"
-    return TrainedRun(workdir, train_and_evaluate(config, workdir))
+    return TrainedRun(*_once_per_session(tmp_path_factory, name, lambda w: train_and_evaluate(config, w)))
 
 
 # Training is deterministic, so a test that needs the very run another test trained takes it
@@ -72,25 +89,15 @@ def lenet5_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def seed_cnn_cli_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """``jax-mnist train --epochs 1`` as a user runs it (the seed CNN, the whole training split,
-    output a pipe): the run directory and the finished command. About a minute on 2 cores.
+    output a pipe): the run directory and the finished command. About a minute on 2 cores."""
 
-    Trained once per test session rather than once per worker: the first pytest-xdist worker
-    that needs it trains it in the session's folder (above every worker's own) under a lock the
-    others wait on, and writes the command's outcome next to it for them to read.
-    """
-    shared = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        shared = shared.parent
-    workdir, outcome = shared / "seed-cnn" / "run", shared / "seed-cnn" / "command.json"
-    with open(shared / "seed-cnn.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released on close, or when the holder dies
-        if not outcome.exists():
-            shutil.rmtree(workdir.parent, ignore_errors=True)  # what a failed try left
-            result = run_cli("train", "--epochs", "1", "--workdir", str(workdir))
-            assert result.returncode == 0, result.stderr
-            fields = ("args", "returncode", "stdout", "stderr")
-            outcome.write_text(json.dumps({name: getattr(result, name) for name in fields}))
-    return workdir, subprocess.CompletedProcess(**json.loads(outcome.read_text()))
+    def train(workdir):
+        result = run_cli("train", "--epochs", "1", "--workdir", str(workdir))
+        assert result.returncode == 0, result.stderr
+        return {name: getattr(result, name) for name in ("args", "returncode", "stdout", "stderr")}
+
+    workdir, outcome = _once_per_session(tmp_path_factory, "seed-cnn", train)
+    return workdir, subprocess.CompletedProcess(**outcome)
 
 
 @pytest.fixture(scope="session")
@@ -120,3 +127,21 @@ def serve_run(tiny_run_one_epoch) -> Path:
     """:func:`tiny_run_one_epoch`'s directory, read only: the model of the serve tests that
     check the HTTP machinery rather than accuracy (test_serve.py, test_serve_ops.py)."""
     return tiny_run_one_epoch.workdir
+
+
+@pytest.fixture(scope="module")
+def serve_model(serve_run):
+    """:func:`serve_run`'s model restored in this process: what the servers below serve."""
+    from jax_mnist.inference import load_model
+
+    return load_model(serve_run)
+
+
+@pytest.fixture(scope="module")
+def server(serve_run, tmp_path_factory):
+    """``jax-mnist serve`` of :func:`serve_run` with the default flags, shared by a file's tests
+    that do not stop it; nothing a request sent may make it print a traceback."""
+    server = ServerProcess(serve_run, log_dir=tmp_path_factory.mktemp("log"))
+    yield server
+    output = server.stop()
+    assert "Traceback" not in output, output

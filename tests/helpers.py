@@ -85,6 +85,44 @@ def assert_same_tree(a: Any, b: Any) -> None:
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def assert_close_weights(actual: Any, desired: Any) -> None:
+    """Two pytrees of weights agree leaf for leaf up to float32 rounding, where a near-zero
+    gradient may flip one Adam step (lr 1e-3): each leaf within 1e-3, and as a whole to 1e-4."""
+    import jax
+    import numpy as np
+
+    for a, d in zip(jax.tree.leaves(actual), jax.tree.leaves(desired), strict=True):
+        a, d = np.asarray(a), np.asarray(d)
+        assert np.abs(a - d).max() <= 1e-3
+        assert np.linalg.norm(a - d) <= 1e-4 * max(np.linalg.norm(d), 1.0)
+
+
+def png_bytes(array: Any) -> bytes:
+    """A greyscale PNG file of a 2D uint8 array (height x width)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(np.asarray(array, np.uint8)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def one_line_error(
+    result: subprocess.CompletedProcess, code: int | tuple[int, ...] = (1, 2), *fragments: str
+):
+    """A CLI run failed with exit ``code`` (or one of them) and one line, ``jax-mnist: error:
+    ...``, holding each of ``fragments``, and no traceback."""
+    codes = (code,) if isinstance(code, int) else code
+    assert result.returncode in codes, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jax-mnist: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
 def run_cli(
     *args: str, cwd: Path | None = None, timeout: float = 600, **kwargs: Any
 ) -> subprocess.CompletedProcess:
@@ -98,6 +136,17 @@ def run_cli(
         text=True,
         timeout=timeout,
         **kwargs,
+    )
+
+
+def start_cli(*args: str) -> subprocess.Popen:
+    """Starts ``python -m jax_mnist ARGS`` in a subprocess, its output read through text pipes."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "jax_mnist", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 
 

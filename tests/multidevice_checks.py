@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import tiny_config
+from helpers import assert_close_weights, tiny_config
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -37,12 +37,6 @@ if jax.device_count() != 4:
 # a parameter may differ by up to about one Adam step (lr = 1e-3) where its gradient is
 # near zero and rounding flips the sign of an update, but the weights as a whole agree.
 RTOL = 2e-4
-
-
-def assert_close_weights(actual, desired):
-    for a, d in zip(jax.tree.leaves(actual), jax.tree.leaves(desired), strict=True):
-        assert np.abs(a - d).max() <= 1e-3
-        assert np.linalg.norm(a - d) <= 1e-4 * max(np.linalg.norm(d), 1.0)
 
 
 class TinyBN(nnx.Module):

@@ -98,55 +98,46 @@ def test_every_result_neutral_field_has_a_change_tried_below():
     assert set(SCHEDULE_ONLY_CHANGES) == RESULT_NEUTRAL_FIELDS
 
 
-# The sets as they were kept by hand in 0.2.0, before each field said its role: the sets
-# computed from the roles must stay these (a field added since must be added here knowingly).
-SETS_OF_0_2_0 = {
-    # config.SCHEDULE_ONLY_FIELDS: what may change when a run resumes (and epochs, by logic)
-    "schedule_only": {
-        "log_every",
-        "checkpoint_every",
-        "checkpoint_every_steps",
-        "keep",
-        "progress",
-        "tensorboard",
-        "devices",
-        "cache_dir",
-        "tfds_data_dir",
-        "deterministic",
-        "compilation_cache",
-    },
-    # tune.space.NOT_SEARCHABLE, less the above
-    "not_searchable": {
-        "preset",
-        "dataset",
-        "data_dir",
-        "data_source",
-        "val_size",
-        "val_seed",
-        "seed",
-        "eval_batch_size",
-    },
-}
-
-
-def test_sets_computed_from_roles_are_those_kept_by_hand_before():
+def test_the_sets_follow_from_each_fields_role():
     from jax_mnist.resume import RESULT_NEUTRAL_FIELDS as resume_may_change
     from jax_mnist.tune.study import PER_COMMAND_FIELDS
 
-    schedule_only = SETS_OF_0_2_0["schedule_only"]
-    assert RESULT_NEUTRAL_FIELDS == resume_may_change == schedule_only
-    assert set(FIELDS) - SEARCHABLE_FIELDS == SETS_OF_0_2_0["not_searchable"] | schedule_only
-    assert schedule_only | {"data_dir"} == PER_COMMAND_FIELDS  # tune.study.LOCAL_FIELDS of 0.2.0
-    assert fields_with_role("machine") | {"data_dir"} == LOCAL_FIELDS
-    assert fields_with_role(*ROLES) == set(FIELDS)
-    assert fields_with_role("schedule") == {
-        "log_every",
-        "checkpoint_every",
-        "checkpoint_every_steps",
-        "keep",
-        "progress",
-        "tensorboard",
-    }
+    roles = {name: f.metadata["role"] for name, f in FIELDS.items()}
+    assert set(roles.values()) <= set(ROLES) and fields_with_role(*ROLES) == set(FIELDS)
+    neutral = {name for name, role in roles.items() if role != "result"}
+    assert RESULT_NEUTRAL_FIELDS == resume_may_change == neutral
+    # a search varies result fields alone, and not those that must hold between trials
+    assert fields_with_role("result") >= SEARCHABLE_FIELDS
+    assert {n for n, f in FIELDS.items() if f.metadata["searchable"]} == SEARCHABLE_FIELDS
+    # where or how a run goes, and paths, belong to a machine: each command of a study says its own
+    assert fields_with_role("machine") <= LOCAL_FIELDS
+    assert {name for name in FIELDS if name.endswith("_dir")} <= LOCAL_FIELDS
+    assert fields_with_role("schedule") | LOCAL_FIELDS == PER_COMMAND_FIELDS
+
+
+def _space_entry(name):
+    """A space-file entry for field ``name`` within its declared range."""
+    meta, kind = FIELDS[name].metadata, field_type(name)
+    if meta["choices"] or kind in (bool, str):
+        return {"choices": list(meta["choices"] or [getattr(Config(), name)])}
+    low = meta["min"] if meta["min"] is not None else 0
+    low += 1 if meta["min_exclusive"] and kind is int else 0.001 if meta["min_exclusive"] else 0
+    high = meta["max"] if meta["max"] is not None else low + 10
+    return {"type": "int" if kind is int else "float", "low": low, "high": high}
+
+
+@pytest.mark.parametrize("name", sorted(FIELDS))
+def test_a_space_may_vary_each_searchable_field_and_no_other(name):
+    from jax_mnist.errors import UserError
+    from jax_mnist.tune.space import parse_space
+
+    entries = {name: _space_entry(name)}
+    if name in SEARCHABLE_FIELDS:
+        (param,) = parse_space(entries, Config(), source="space.toml")
+        assert param.name == name
+    else:
+        with pytest.raises(UserError, match=f"space.toml: {name}: not searchable"):
+            parse_space(entries, Config(), source="space.toml")
 
 
 def test_option_refuses_a_role_it_does_not_know_and_a_searchable_non_result_field():
@@ -158,31 +149,107 @@ def test_option_refuses_a_role_it_does_not_know_and_a_searchable_non_result_fiel
         fields_with_role("output")
 
 
+# Four steps of a small MLP on 128 images: what a setting changes shows in the first epoch's
+# record and in the state (weights and optimizer) saved after it.
+MICRO = tiny_config(
+    model="mlp", width=16, depth=1, train_size=128, val_size=64, batch_size=32, epochs=1, log_every=1
+).replace(eval_batch_size=64)
+# Result fields whose effect shows only beside another setting: the reference runs with it too.
+CONTEXT = {
+    "momentum": {"optimizer": "sgd"},
+    "nesterov": {"optimizer": "sgd"},
+    "epochs": {"schedule": "cosine"},  # under the constant schedule, more epochs begin alike
+}
+# Result fields that change what is read, with no other data here to read: the bundled MNIST
+# is all there is offline (other datasets download: test_download.py; tfds: test_tfds.py).
+READS_OTHER_DATA = {"dataset", "data_dir", "data_source"}
+# A preset names values of the other fields (resolve_config applies them; tested above); set
+# alone on a Config it is a label.
+NAMES_OTHER_FIELDS = {"preset"}
+# Result fields kept so because another backend or model may round differently with another
+# value (a run resumes only with the values it began with); here they may give the same bits:
+# the validation sums are taken in float64, and the MLP's steps are unrolled alike in any chunk.
+MAY_ROUND_DIFFERENTLY = {"eval_batch_size", "steps_per_call"}
+# Values that show: adamw without weight decay is adam; warm-up and epochs in whole steps.
+SPECIAL_VALUES = {"model": "lenet5", "optimizer": "sgd", "warmup_epochs": 0.5, "epochs": 2.0}
+
+
+def _another(name, config):
+    """A valid value of field ``name`` other than ``config``'s."""
+    if name in SPECIAL_VALUES:
+        return SPECIAL_VALUES[name]
+    value, meta, kind = getattr(config, name), FIELDS[name].metadata, field_type(name)
+    if meta["choices"]:
+        return next(c for c in meta["choices"] if c != value)
+    if kind is bool:
+        return not value
+    if value is None:
+        return 1
+    if kind is int:
+        return value + 1 if meta["max"] is None or value < meta["max"] else value - 1
+    return value + 0.01 if meta["max"] is None or value + 0.01 <= meta["max"] else value - 0.01
+
+
 def _first_epoch(workdir):
+    """A run's first epoch record and the whole training state saved at its end."""
     epoch = next(r for r in records_without_timings(workdir) if r["kind"] == "epoch")
     with Checkpoints(workdir, read_only=True) as checkpoints:
         config = checkpoints.read_config()
         setup = train.create_setup(config, steps_per_epoch=1)
-        state, _ = checkpoints.restore(train.abstract_train_state(setup), 16)
-    return epoch, state
+        state, _ = checkpoints.restore(train.abstract_train_state(setup), epoch["step"])
+    computed = {k: epoch[k] for k in ("step", "train_loss", "train_accuracy", "val_loss", "val_accuracy")}
+    return computed, jax.tree.map(np.asarray, state)
+
+
+def _same_state(a, b) -> bool:
+    return jax.tree.structure(a) == jax.tree.structure(b) and all(
+        np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
 
 
 @pytest.fixture(scope="module")
-def reference_epoch(tiny_run_one_epoch):
-    return _first_epoch(tiny_run_one_epoch.workdir)  # a run of tiny_config(epochs=1)
+def micro_runs(tmp_path_factory):
+    """``context -> its first epoch`` for MICRO with a context's changes, trained on first use."""
+    done = {}
+
+    def first_epoch(**changes):
+        key = tuple(sorted(changes.items()))
+        if key not in done:
+            workdir = tmp_path_factory.mktemp("micro") / "run"
+            train.train_and_evaluate(MICRO.replace(**changes), workdir, evaluate_test=False)
+            done[key] = _first_epoch(workdir)
+        return done[key]
+
+    return first_epoch
+
+
+def test_each_result_field_is_tried_or_said_why_not():
+    special = (
+        set(CONTEXT) | READS_OTHER_DATA | NAMES_OTHER_FIELDS | MAY_ROUND_DIFFERENTLY | set(SPECIAL_VALUES)
+    )
+    assert special <= fields_with_role("result")
+
+
+@pytest.mark.slow
+@pytest.mark.long  # a run per field: 30 runs of four steps, about a minute of a worker's time
+@pytest.mark.parametrize(
+    "name", sorted(fields_with_role("result") - READS_OTHER_DATA - NAMES_OTHER_FIELDS - MAY_ROUND_DIFFERENTLY)
+)
+def test_each_result_field_changes_what_is_computed(name, micro_runs):
+    context = CONTEXT.get(name, {})
+    value = _another(name, MICRO.replace(**context))
+    epoch, state = micro_runs(**context, **{name: value})
+    expected_epoch, expected_state = micro_runs(**context)
+    assert epoch != expected_epoch or not _same_state(state, expected_state), f"{name}={value!r}"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [*sorted(SCHEDULE_ONLY_CHANGES), "epochs"])
-def test_fields_that_may_change_on_resume_do_not_change_what_is_computed(name, reference_epoch, tmp_path):
+def test_fields_that_may_change_on_resume_do_not_change_what_is_computed(name, micro_runs):
     # epochs may change on resume with the constant schedule only (Config.schedule_spans_run).
     value = 2 if name == "epochs" else SCHEDULE_ONLY_CHANGES[name]
-    config = tiny_config(epochs=1).replace(**{name: value})
-    assert getattr(config, name) != getattr(tiny_config(), name) or name == "epochs"
-    train.train_and_evaluate(config, tmp_path / "run")
-    epoch, state = _first_epoch(tmp_path / "run")
-    expected_epoch, expected_state = reference_epoch
-    for key in ("step", "train_loss", "train_accuracy", "val_loss", "val_accuracy"):
-        assert epoch[key] == expected_epoch[key], key
-    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(expected_state), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert value != getattr(MICRO, name)
+    epoch, state = micro_runs(**{name: value})
+    expected_epoch, expected_state = micro_runs()
+    assert epoch == expected_epoch
+    assert _same_state(state, expected_state)

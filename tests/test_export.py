@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from helpers import run_cli
+from helpers import one_line_error, run_cli
 
 from jax_mnist.config import Config
 from jax_mnist.data import load_dataset
@@ -218,15 +218,6 @@ def test_cli_exports_a_run(lenet5_run, tmp_path, test_images):
     assert meta["test_accuracy"] == description["test_accuracy"] is not None
     images = test_images[0][:64]
     assert np.abs(load_exported(out).predict_logits(images) - model.predict_logits(images)).max() <= TOLERANCE
-
-
-def one_line_error(result: subprocess.CompletedProcess, code: int, *fragments: str) -> None:
-    assert result.returncode == code, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("jax-mnist: error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 @pytest.mark.slow  # four CLI subprocesses; test_cli_exports_a_run runs the command in the fast subset

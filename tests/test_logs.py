@@ -7,6 +7,9 @@ import json
 import os
 import pty
 import re
+import subprocess
+import sys
+import time
 
 import pytest
 from helpers import run_cli, tiny_config
@@ -126,6 +129,31 @@ def test_resumed_run_replaces_what_tensorboard_saw_after_the_checkpoint(tmp_path
     acc.Reload()
     values = [(e.step, tensor_util.make_ndarray(e.tensor_proto).item()) for e in acc.Tensors("train/loss")]
     assert values == [(10, 1.0), (20, 1.0), (30, 2.0)]
+
+
+def test_scalars_reach_the_file_before_the_writer_closes(tmp_path):
+    """A run killed at once (SIGKILL, a lost machine) keeps what it logged a second before."""
+    writer = EventWriter(tmp_path)
+    writer.scalars(10, {"train/loss": 0.5, "train/accuracy": None})
+    deadline = time.monotonic() + 10
+    while "train/loss" not in scalars(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert scalars(tmp_path) == {"train/loss": [(10, 0.5)]}
+    writer.close()
+
+
+def test_event_files_are_written_without_the_tensorboard_package(tmp_path):
+    """The base install has no ``tensorboard``: logs.py writes through tensorboardX alone."""
+    script = (
+        "import sys; sys.modules['tensorboard'] = None\n"  # any import of it now fails
+        "from pathlib import Path\n"
+        "from jax_mnist.logs import RunLogger\n"
+        "with RunLogger(Path(sys.argv[1]), tensorboard=True) as logger:\n"
+        "    logger.log_step(epoch=1, step=8, loss=0.5, accuracy=0.875)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert scalars(tmp_path) == {"train/loss": [(8, 0.5)], "train/accuracy": [(8, 0.875)]}
 
 
 def test_progress_mode_auto_draws_a_bar_only_on_a_terminal(monkeypatch):

@@ -15,7 +15,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from helpers import ServerProcess, run_cli
+from helpers import ServerProcess, png_bytes, run_cli
 from PIL import Image
 
 from jax_mnist.config import Config
@@ -211,22 +211,6 @@ def test_batcher_refuses_bad_settings():
 
 
 @pytest.fixture(scope="module")
-def model(serve_run):
-    from jax_mnist.inference import load_model
-
-    return load_model(serve_run)
-
-
-@pytest.fixture(scope="module")
-def server(serve_run, tmp_path_factory):
-    server = ServerProcess(serve_run, log_dir=tmp_path_factory.mktemp("log"))
-    yield server
-    output = server.stop()
-    # Nothing a request sent made the server print a traceback.
-    assert "Traceback" not in output, output
-
-
-@pytest.fixture(scope="module")
 def client(server):
     with httpx.Client(base_url=server.url, timeout=60) as client:
         yield client
@@ -240,22 +224,16 @@ def digits():
     return images, labels, [png_bytes(x) for x in images]
 
 
-def png_bytes(array: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(np.asarray(array, np.uint8)).save(out, format="PNG")
-    return out.getvalue()
-
-
 def expected_probabilities(model, png: bytes) -> np.ndarray:
     """What `jax-mnist predict` computes for this PNG, in this process."""
     return softmax(model.predict_logits(to_mnist_form(decode_image(io.BytesIO(png)))[None]))[0]
 
 
-def test_api_model_describes_what_is_loaded(client, serve_run, model):
+def test_api_model_describes_what_is_loaded(client, serve_run, serve_model):
     info = client.get("/api/model").json()
-    assert info["model"] == "cnn" and info["parameters"] == model.num_params
+    assert info["model"] == "cnn" and info["parameters"] == serve_model.num_params
     assert info["classes"] == [str(i) for i in range(10)]
-    assert info["run"] == str(serve_run) and info["test_accuracy"] == model.describe()["test_accuracy"]
+    assert info["run"] == str(serve_run) and info["test_accuracy"] == serve_model.describe()["test_accuracy"]
     assert info["batching"] == {"max_batch": 64, "max_wait_ms": 5.0}
     assert info["engine"] == "JAX (auto: JAX is the faster engine for cnn)"
 
@@ -273,10 +251,10 @@ def test_page_and_its_assets_are_served(client):
     assert client.get("/openapi.json").json()["paths"]["/api/predict"]["post"]["requestBody"]
 
 
-def test_every_form_of_an_image_gets_the_same_answer_as_jax_mnist_predict(client, model, digits):
+def test_every_form_of_an_image_gets_the_same_answer_as_jax_mnist_predict(client, serve_model, digits):
     images, _, pngs = digits
     png = pngs[0]
-    expected = expected_probabilities(model, png)
+    expected = expected_probabilities(serve_model, png)
     answers = {
         "raw": client.post("/api/predict", content=png, headers={"content-type": "image/png"}),
         "multipart": client.post("/api/predict?top=3", files={"file": ("seven.png", png, "image/png")}),
@@ -356,7 +334,9 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
-def test_bad_input_is_a_4xx_with_a_json_error_and_the_next_request_succeeds(client, model, digits, case):
+def test_bad_input_is_a_4xx_with_a_json_error_and_the_next_request_succeeds(
+    client, serve_model, digits, case
+):
     kwargs, status, words = BAD_INPUTS[case]
     if callable(kwargs.get("content")):
         kwargs = {**kwargs, "content": kwargs["content"]()}
@@ -368,7 +348,9 @@ def test_bad_input_is_a_4xx_with_a_json_error_and_the_next_request_succeeds(clie
     good = client.post("/api/predict", content=digits[2][3], headers={"content-type": "image/png"})
     assert good.status_code == 200
     np.testing.assert_allclose(
-        good.json()["predictions"][0]["probabilities"], expected_probabilities(model, digits[2][3]), atol=1e-5
+        good.json()["predictions"][0]["probabilities"],
+        expected_probabilities(serve_model, digits[2][3]),
+        atol=1e-5,
     )
 
 
@@ -390,10 +372,10 @@ def test_no_request_names_a_file_on_the_server(client, server):
 
 
 def test_a_burst_of_concurrent_requests_is_batched_and_each_caller_gets_its_own_answer(
-    client, server, model, digits
+    client, server, serve_model, digits
 ):
     images, _, pngs = digits
-    expected = [expected_probabilities(model, png) for png in pngs]
+    expected = [expected_probabilities(serve_model, png) for png in pngs]
     before = client.get("/api/stats").json()
     start = threading.Barrier(len(pngs))
     answers: list = [None] * len(pngs)

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from helpers import ServerProcess, run_cli
+from helpers import ServerProcess, png_bytes, run_cli
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -32,35 +32,13 @@ from jax_mnist.metrics import softmax
 from jax_mnist.predict import decode_image, to_mnist_form
 
 
-def png_bytes(array: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(np.asarray(array, np.uint8)).save(out, format="PNG")
-    return out.getvalue()
-
-
 @pytest.fixture(scope="module")
-def model(serve_run):
-    from jax_mnist.inference import load_model
-
-    return load_model(serve_run)
-
-
-@pytest.fixture(scope="module")
-def digits(model):
+def digits(serve_model):
     """32 MNIST test digits as PNGs, and the probabilities `jax-mnist predict` gives each."""
     images = load_dataset(Config()).test_images[:32]
     pngs = [png_bytes(x) for x in images]
     forms = np.stack([to_mnist_form(decode_image(io.BytesIO(p))) for p in pngs])
-    return pngs, softmax(model.predict_logits(forms))
-
-
-@pytest.fixture(scope="module")
-def server(serve_run, tmp_path_factory):
-    """A server with the default flags, shared by the tests that do not stop it."""
-    server = ServerProcess(serve_run, log_dir=tmp_path_factory.mktemp("log"))
-    yield server
-    output = server.stop()
-    assert "Traceback" not in output, output
+    return pngs, softmax(serve_model.predict_logits(forms))
 
 
 def metrics(url: str) -> dict[tuple[str, frozenset], float]:

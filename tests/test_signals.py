@@ -6,13 +6,11 @@ two processes in ``test_distributed.py``.)
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
+from helpers import start_cli
 
 # Chunks of 128 steps (one epoch, about 3 s): the main thread spends its time waiting in XLA,
 # where Python's own signal handlers never run.
@@ -24,13 +22,7 @@ FLAGS += ["--log-every", "128", "--eval-batch-size", "512"]
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_second_signal_stops_at_once(tmp_path, signum):
     workdir = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jax_mnist", "train", *FLAGS, "--workdir", str(workdir)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    proc = start_cli("train", *FLAGS, "--workdir", str(workdir))
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not proc.stdout.readline().startswith("Epoch 2 done"):

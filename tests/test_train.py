@@ -23,7 +23,7 @@ def test_tiny_run_writes_config_and_metrics(tiny_run):
 
 
 def test_same_seed_same_numbers_bit_for_bit(tmp_path, tiny_run):
-    a = tiny_run.final  # train_and_evaluate(tiny_config(), ...), earlier in this process
+    a = tiny_run.final  # train_and_evaluate(tiny_config(), ...), earlier in this session
     b = train_and_evaluate(tiny_config(), tmp_path / "b")
     assert records_without_timings(tiny_run.workdir) == records_without_timings(tmp_path / "b")
     assert a["test_loss"] == b["test_loss"]

@@ -4,8 +4,7 @@ The console shows either a live progress bar per epoch (on a terminal, with ``ri
 seed's plain lines (``Epoch E, Loss: L``), which hold no control characters and suit log
 files and CI. ``metrics.jsonl`` gets one JSON record per log point, epoch and test
 evaluation; TensorBoard event files in the run directory get the same numbers as scalars,
-written with the ``tensorboard`` package's record format and protos (TensorFlow is not
-needed). Only the main process (process 0) prints and writes; the others stay quiet.
+written by tensorboardX (neither TensorFlow nor ``tensorboard`` is needed). Only the main process (process 0) prints and writes; the others stay quiet.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import atexit
 import itertools
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -41,62 +39,48 @@ def use_progress_bar(mode: str, stream: TextIO) -> bool:
 
 
 class EventWriter:
-    """Appends scalars to a TensorBoard event file in ``logdir``, without TensorFlow.
+    """Appends scalars to a TensorBoard event file in ``logdir``, through tensorboardX.
 
-    Records are framed by ``tensorboard``'s own ``RecordWriter`` (length, masked CRC32C,
-    payload, CRC) and hold its ``Event`` protos, so TensorBoard reads them like any other.
-    The file opens on the first scalar, so a run that fails early leaves none.
+    tensorboardX's ``SummaryWriter`` writes TensorBoard's record format and protos with numpy
+    and protobuf alone (neither TensorFlow nor the ``tensorboard`` package is needed). The file
+    opens on the first scalar, so a run that fails early leaves none.
 
     Args:
       logdir: the directory of the event file (the run directory).
       start_step: the step a resumed run goes on from; TensorBoard then drops what an
-        earlier attempt logged after it (a ``SessionLog.START`` event).
+        earlier attempt logged after it (a ``SessionLog.START`` event at ``start_step + 1``).
     """
 
     def __init__(self, logdir: Path, *, start_step: int = 0):
         self.logdir = Path(logdir)
         self.start_step = start_step
-        self.path: Path | None = None
-        self._writer: Any = None  # tensorboard's RecordWriter, opened at the first write
+        self._writer: Any = None  # tensorboardX's SummaryWriter, opened at the first write
 
     def _open(self) -> None:
-        from tensorboard.compat.proto import event_pb2
-        from tensorboard.summary.writer.record_writer import RecordWriter
+        from tensorboardX import SummaryWriter
 
         self.logdir.mkdir(parents=True, exist_ok=True)
-        # TensorBoard reads files named events.out.tfevents.*, in name order
-        name = (
-            f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}"
-            f".{os.getpid()}.{next(_event_file_ids):06d}"  # padded: name order is creation order
+        # TensorBoard reads files named events.out.tfevents.<seconds>.<host>*, in name order;
+        # tensorboardX opens its file with "wb", so two writers within one second need distinct
+        # names: the process and a counter, padded so that name order is creation order.
+        suffix = f".{os.getpid()}.{next(_event_file_ids):06d}"
+        # TensorBoard keeps what came before a START event's step and drops the rest from the
+        # run; it ignores a run's first START, so every attempt writes one (purge_step).
+        # flush_secs=1: its writer thread puts each scalar on disk within a second.
+        self._writer = SummaryWriter(
+            str(self.logdir), purge_step=self.start_step + 1, flush_secs=1, filename_suffix=suffix
         )
-        self.path = self.logdir / name
-        self._writer = RecordWriter(self.path.open("ab"))
-        self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
-        # TensorBoard keeps what came before a START event's step and drops the rest from
-        # the run; it ignores a run's first START, so every attempt writes one.
-        start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
-        self._write(event_pb2.Event(wall_time=time.time(), step=self.start_step + 1, session_log=start))
-
-    def _write(self, event) -> None:
-        self._writer.write(event.SerializeToString())
 
     def scalars(self, step: int, values: dict[str, float | None]) -> None:
-        """Writes ``{tag: value}`` at ``step`` (None values are skipped) and flushes."""
-        from tensorboard.compat.proto import event_pb2, summary_pb2
-
+        """Writes ``{tag: value}`` at ``step`` (None values are skipped)."""
         if self._writer is None:
             self._open()
-        summary = summary_pb2.Summary(
-            value=[
-                summary_pb2.Summary.Value(tag=tag, simple_value=float(value))
-                for tag, value in values.items()
-                if value is not None
-            ]
-        )
-        self._write(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
-        self._writer.flush()
+        for tag, value in values.items():
+            if value is not None:
+                self._writer.add_scalar(tag, float(value), step)
 
     def close(self) -> None:
+        """Writes what is queued and closes the file."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
