@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import types
+import warnings
 
 import jax
 import numpy as np
@@ -253,6 +254,47 @@ def test_reads_orbax_abandoned_as_asyncio_tasks_are_not_reported_while_silenced(
     assert reported == ["an error of ours"]
     if not installed_before:  # given back: asyncio's logger reports every task again
         assert installed.abandoned_tasks not in logging.getLogger("asyncio").filters
+
+
+def _orbax_coroutine(name: str):
+    """A coroutine function whose code lives under orbax/, as Orbax's reads do."""
+    code: dict = {}
+    path = os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "read.py")
+    exec(compile(f"async def {name}():\n    pass\n", path, "exec"), code)
+    return code[name]
+
+
+def _never_awaited(make) -> None:
+    coroutine = make()
+    del coroutine
+    gc.collect()
+
+
+def test_reads_orbax_never_awaited_are_not_reported_while_silenced():
+    """A read Orbax created but never awaited, as it gave up on a damaged checkpoint: collected,
+    it is a RuntimeWarning (or, where warnings are errors, an unraisable); others still are."""
+    reported = []
+    previous = sys.unraisablehook
+    sys.unraisablehook = reported.append
+    filters = hooks._Filters()  # one installation of the filters, over the recording hook
+    try:
+        with warnings.catch_warnings(record=True) as shown:
+            warnings.filters.insert(0, filters.never_awaited)
+            _never_awaited(_orbax_coroutine("_read_array_index_and_device_put"))
+        assert not shown
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # as the suite runs: the warning is an unraisable
+            _never_awaited(_orbax_coroutine("_read_array_index_and_device_put"))
+            assert reported == []
+
+            async def ours():
+                pass
+
+            _never_awaited(ours)
+        assert [type(r.exc_value) for r in reported] == [RuntimeWarning]
+    finally:
+        filters.remove()
+        sys.unraisablehook = previous
 
 
 def test_evaluate_missing_run_is_a_clear_error(tmp_path):

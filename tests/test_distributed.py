@@ -210,6 +210,7 @@ def test_a_signal_to_one_process_stops_both_after_the_same_step(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # waits out the 30 s a stuck process is given to act on a signal
 def test_a_process_stuck_in_a_collective_still_stops_on_a_signal(tmp_path):
     """Process 0 is frozen (SIGSTOP), so process 1 waits in a collective that never returns:
     SIGTERM cannot be acted on at a chunk boundary, and ends process 1 after the grace time."""

@@ -459,6 +459,7 @@ SOAK_CLIENTS = 32
 
 
 @pytest.mark.slow
+@pytest.mark.long  # a soak: 32 clients for most of a minute
 def test_soak_mixed_requests_at_32_clients_keep_memory_flat_and_every_answer_right(
     serve_run, tmp_path, digits
 ):

@@ -400,6 +400,7 @@ def test_ctrl_c_loses_only_the_trial_in_flight_and_the_rerun_completes_the_study
 
 
 @pytest.mark.slow
+@pytest.mark.long  # a worker killed mid-trial, then a command to finish the study: 50 s
 def test_a_killed_worker_loses_only_its_trial_which_the_next_command_marks_failed(tmp_path):
     """SIGKILL leaves the trial RUNNING; once its heartbeat is stale (40 s), the rerun marks it
     failed and runs another in its place."""

@@ -41,9 +41,12 @@ def use_progress_bar(mode: str, stream: TextIO) -> bool:
 class EventWriter:
     """Appends scalars to a TensorBoard event file in ``logdir``, through tensorboardX.
 
-    tensorboardX's ``SummaryWriter`` writes TensorBoard's record format and protos with numpy
-    and protobuf alone (neither TensorFlow nor the ``tensorboard`` package is needed). The file
-    opens on the first scalar, so a run that fails early leaves none.
+    tensorboardX's ``EventsWriter`` frames TensorBoard's records and its ``Event`` protos with
+    protobuf alone (neither TensorFlow nor the ``tensorboard`` package is needed). It writes in
+    the caller's thread, and each scalar is flushed at once: a write the disk refuses fails the
+    step that logged it, in one line like any other write of the run, rather than in a writer
+    thread (tensorboardX's ``SummaryWriter``). The file opens on the first scalar, so a run
+    that fails early leaves none.
 
     Args:
       logdir: the directory of the event file (the run directory).
@@ -54,33 +57,45 @@ class EventWriter:
     def __init__(self, logdir: Path, *, start_step: int = 0):
         self.logdir = Path(logdir)
         self.start_step = start_step
-        self._writer: Any = None  # tensorboardX's SummaryWriter, opened at the first write
+        self._writer: Any = None  # tensorboardX's EventsWriter, opened at the first write
 
     def _open(self) -> None:
-        from tensorboardX import SummaryWriter
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto import event_pb2
 
         self.logdir.mkdir(parents=True, exist_ok=True)
         # TensorBoard reads files named events.out.tfevents.<seconds>.<host>*, in name order;
-        # tensorboardX opens its file with "wb", so two writers within one second need distinct
-        # names: the process and a counter, padded so that name order is creation order.
+        # the file is opened with "wb", so two writers within one second need distinct names:
+        # the process and a counter, padded so that name order is creation order.
         suffix = f".{os.getpid()}.{next(_event_file_ids):06d}"
+        self._writer = EventsWriter(str(self.logdir / "events"), suffix)
         # TensorBoard keeps what came before a START event's step and drops the rest from the
-        # run; it ignores a run's first START, so every attempt writes one (purge_step).
-        # flush_secs=1: its writer thread puts each scalar on disk within a second.
-        self._writer = SummaryWriter(
-            str(self.logdir), purge_step=self.start_step + 1, flush_secs=1, filename_suffix=suffix
-        )
+        # run; it ignores a run's first START, so every attempt writes one.
+        start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+        self._write(event_pb2.Event(step=self.start_step + 1, session_log=start))
+
+    def _write(self, event: Any) -> None:
+        event.wall_time = time.time()
+        self._writer.write_event(event)
+        self._writer.flush()
 
     def scalars(self, step: int, values: dict[str, float | None]) -> None:
-        """Writes ``{tag: value}`` at ``step`` (None values are skipped)."""
+        """Writes ``{tag: value}`` at ``step`` (None values are skipped) and flushes."""
+        from tensorboardX.proto import event_pb2, summary_pb2
+
         if self._writer is None:
             self._open()
-        for tag, value in values.items():
-            if value is not None:
-                self._writer.add_scalar(tag, float(value), step)
+        summary = summary_pb2.Summary(
+            value=[
+                summary_pb2.Summary.Value(tag=tag, simple_value=float(value))
+                for tag, value in values.items()
+                if value is not None
+            ]
+        )
+        self._write(event_pb2.Event(step=step, summary=summary))
 
     def close(self) -> None:
-        """Writes what is queued and closes the file."""
+        """Closes the file."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None

@@ -13,6 +13,8 @@ import logging
 import os
 import sys
 import threading
+import types
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -52,7 +54,11 @@ class _Filters:
         previous_unraisable, previous_except, previous_thread = self.previous
 
         def unraisablehook(unraisable: Any) -> None:
-            if _closed_loop(unraisable.exc_value) or _from_orbax(unraisable.exc_traceback):
+            if (
+                _closed_loop(unraisable.exc_value)
+                or _from_orbax(unraisable.exc_traceback)
+                or _orbax_coroutine(unraisable.object)
+            ):
                 return
             previous_unraisable(unraisable)
 
@@ -71,10 +77,17 @@ class _Filters:
         # through asyncio's logger ("Task exception was never retrieved").
         self.abandoned_tasks = _AbandonedOrbaxTasks()
         logging.getLogger("asyncio").addFilter(self.abandoned_tasks)
+        # A read Orbax created but never awaited, as it gave up, is reported when collected as
+        # a RuntimeWarning ("coroutine '_read_array_index_and_device_put' was never awaited"),
+        # or, where warnings are errors, as an unraisable from that coroutine (dropped above).
+        warnings.filterwarnings("ignore", _NEVER_AWAITED, RuntimeWarning)
+        self.never_awaited = warnings.filters[0]
 
     def remove(self) -> None:
         """Puts back the hooks found at installation, where ours are still in place."""
         logging.getLogger("asyncio").removeFilter(self.abandoned_tasks)
+        with contextlib.suppress(ValueError):  # gone already if warnings were reset since
+            warnings.filters.remove(self.never_awaited)
         current = (sys.unraisablehook, sys.excepthook, threading.excepthook)
         self._set(
             tuple(
@@ -148,13 +161,24 @@ def keeping_filters_on_failure() -> Iterator[None]:
         raise
 
 
+_NEVER_AWAITED = r"coroutine '.*' was never awaited"
+
+
+def _orbax_coroutine(value: Any) -> bool:
+    return isinstance(value, types.CoroutineType) and _in_orbax(value.cr_code.co_filename)
+
+
+def _in_orbax(filename: str) -> bool:
+    return f"{os.sep}orbax{os.sep}" in filename
+
+
 def _closed_loop(error: BaseException | None) -> bool:
     return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
 
 
 def _from_orbax(traceback: Any) -> bool:
     while traceback is not None:
-        if f"{os.sep}orbax{os.sep}" in traceback.tb_frame.f_code.co_filename:
+        if _in_orbax(traceback.tb_frame.f_code.co_filename):
             return True
         traceback = traceback.tb_next
     return False
