@@ -222,9 +222,11 @@ def _abandon_a_failed_future(error) -> None:
     loop.close()
 
 
-def test_damaged_reads_abandoned_as_asyncio_futures_are_not_reported_while_silenced(caplog):
+def test_reads_and_writes_abandoned_as_asyncio_futures_are_not_reported_while_silenced(caplog):
     with caplog.at_level(logging.ERROR, logger="asyncio"), hooks.silence_reads_left_in_flight():
         _abandon_a_failed_future(ValueError('DATA_LOSS: Error reading "step/.zarray" in OCDBT database'))
+        # A write the disk refused, that Orbax gave up waiting for after the save failed.
+        _abandon_a_failed_future(ValueError('RESOURCE_EXHAUSTED: Error writing "step/0": No space left'))
         _abandon_a_failed_future(ValueError("an error of ours"))
     reported = [str(r.exc_info[1]) for r in caplog.records if r.name == "asyncio" and r.exc_info]
     assert reported == ["an error of ours"]

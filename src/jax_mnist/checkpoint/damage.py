@@ -31,6 +31,10 @@ _TENSORSTORE_DAMAGE = re.compile(
 )
 
 
+# Any TensorStore status error ("CODE: message"), RESOURCE_EXHAUSTED (a full disk) included.
+_TENSORSTORE_STATUS = re.compile(r"^[A-Z][A-Z_]+: ")
+
+
 class ChecksumMismatch(ValueError):
     """Arrays restored from a checkpoint differ from the checksums stored when it was saved."""
 
@@ -50,6 +54,12 @@ def _is_damage_link(link: BaseException) -> bool:
     if type(link).__module__.startswith("msgpack"):  # ExtraData, FormatError, ...
         return True
     return isinstance(link, ValueError) and bool(_TENSORSTORE_DAMAGE.match(str(link)))
+
+
+def from_tensorstore(error: BaseException) -> bool:
+    """Whether ``error`` is a TensorStore status error (a ``ValueError`` ``"CODE: ..."``): what
+    a read or write of a checkpoint's files raises, damage or not."""
+    return isinstance(error, ValueError) and bool(_TENSORSTORE_STATUS.match(str(error)))
 
 
 def damage(error: BaseException) -> BaseException | None:

@@ -16,26 +16,27 @@ import threading
 import types
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
-from jax_mnist.checkpoint.damage import damage
+from jax_mnist.checkpoint.damage import damage, from_tensorstore
 
 
 class _AbandonedOrbaxTasks(logging.Filter):
     """Drops asyncio's report of a collected task or future whose error came from Orbax's code
-    or is a damaged checkpoint's (a TensorStore read that failed, raised from C++ code)."""
+    or from TensorStore (a read of a damaged checkpoint, or a write the disk refused, that Orbax
+    gave up waiting for; raised from C++ code)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error, traceback = record.exc_info[1:] if record.exc_info else (None, None)
-        abandoned = str(record.msg).startswith(
-            ("Task exception was never retrieved", "Future exception was never retrieved")
-        )
+        # "Task exception was never retrieved", "Future ...", "_GatheringFuture ...": asyncio
+        # names the class of what was dropped, then gives the context on lines of their own.
+        abandoned = str(record.msg).partition("\n")[0].endswith("exception was never retrieved")
         return not (
             abandoned
             and (
                 _closed_loop(error)
                 or _from_orbax(traceback)
-                or (error is not None and damage(error) is not None)
+                or (error is not None and (from_tensorstore(error) or damage(error) is not None))
             )
         )
 
@@ -57,7 +58,7 @@ class _Filters:
             if (
                 _closed_loop(unraisable.exc_value)
                 or _from_orbax(unraisable.exc_traceback)
-                or _orbax_coroutine(unraisable.object)
+                or _orbax_coroutine(getattr(unraisable, "object", None))
             ):
                 return
             previous_unraisable(unraisable)
@@ -87,7 +88,7 @@ class _Filters:
         """Puts back the hooks found at installation, where ours are still in place."""
         logging.getLogger("asyncio").removeFilter(self.abandoned_tasks)
         with contextlib.suppress(ValueError):  # gone already if warnings were reset since
-            warnings.filters.remove(self.never_awaited)
+            cast(list, warnings.filters).remove(self.never_awaited)  # a list, typed as a Sequence
         current = (sys.unraisablehook, sys.excepthook, threading.excepthook)
         self._set(
             tuple(
@@ -122,7 +123,8 @@ def silence_reads_left_in_flight() -> Iterator[None]:
     there before.
 
     On entering, ``sys.unraisablehook``, ``sys.excepthook`` and ``threading.excepthook`` are
-    wrapped in filters (or the filters in place are shared); on leaving, the last user puts the
+    wrapped in filters, asyncio's logger gets one, and the warning for a coroutine never awaited
+    (a read Orbax created but dropped) is ignored (or the filters in place are shared); on leaving, the last user puts the
     hooks back as they were, unless :func:`keep_silencing_reads_left_in_flight` was called: then
     reads may still be in flight, and the filters stay until the process ends. Nested and
     overlapping uses are fine.

@@ -255,49 +255,10 @@ class Checkpoints:
         for manager, step in candidates:
             kind = "best" if manager is self.best else "latest"
             state_dir = Path(manager.directory) / str(step) / "state"
-            # The handler rather than a Checkpointer, whose metadata() turns the errors of a
-            # damaged checkpoint into no metadata, without saying which.
-            handler = ocp.PyTreeCheckpointHandler()
-            try:
-                stored = handler.metadata(state_dir).tree
-                problem = None
-            except Exception as e:
-                found = damage(e)
-                if found is None:
-                    raise
-                stored, problem = None, f"its array metadata cannot be read: {describe(found)}"
-            finally:
-                handler.close()
-            if stored is not None:
-                difference = tree_difference(stored, abstract_state, partial=partial)
-                if difference:
-                    raise CheckpointMismatch(
-                        f"{state_dir.parent}: the checkpoint does not fit the model its config "
-                        f"describes ({difference}); it was written by another version of the model "
-                        "code or of jax-mnist: restore it with that version, or train into a new --workdir"
-                    )
-                restore_args = (
-                    ocp.args.PyTreeRestore(
-                        abstract_state,
-                        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
-                        partial_restore=True,
-                    )
-                    if partial
-                    else ocp.args.StandardRestore(abstract_state)
-                )
-                try:
-                    restored = manager.restore(
-                        step, args=ocp.args.Composite(state=restore_args, meta=ocp.args.JsonRestore())
-                    )
-                    jax.block_until_ready(restored.state)
-                    meta = dict(restored.meta)
-                    check_arrays(restored.state, meta.pop(CHECKSUMS, None))
-                    return restored.state, meta
-                except Exception as e:
-                    found = damage(e)
-                    if found is None:
-                        raise
-                    problem = describe(found)
+            read = self._read(manager, step, abstract_state, partial=partial)
+            if not isinstance(read, str):
+                return read
+            problem = read
             # Orbax gave up on this checkpoint with reads still in flight, which end (or are
             # collected) at any later time, up to the process's exit.
             keep_silencing_reads_left_in_flight()
@@ -310,6 +271,51 @@ class Checkpoints:
             else "`jax-mnist train --workdir` on this run moves them aside"
         )
         raise UserError(f"{self.root}: every checkpoint is damaged ({advice})")
+
+    def _read(
+        self, manager: ocp.CheckpointManager, step: int, abstract_state: Any, *, partial: bool
+    ) -> tuple[Any, dict[str, Any]] | str:
+        """``(state, meta)`` of one checkpoint, or what is damaged in it (one line).
+
+        Raises:
+          CheckpointMismatch: the checkpoint is intact but holds other arrays.
+        """
+        state_dir = Path(manager.directory) / str(step) / "state"
+        # The handler rather than a Checkpointer, whose metadata() turns the errors of a
+        # damaged checkpoint into no metadata, without saying which.
+        handler = ocp.PyTreeCheckpointHandler()
+        try:
+            stored = handler.metadata(state_dir).tree
+        except Exception as e:
+            return f"its array metadata cannot be read: {describe(_damage_or_raise(e))}"
+        finally:
+            handler.close()
+        difference = tree_difference(stored, abstract_state, partial=partial)
+        if difference:
+            raise CheckpointMismatch(
+                f"{state_dir.parent}: the checkpoint does not fit the model its config "
+                f"describes ({difference}); it was written by another version of the model "
+                "code or of jax-mnist: restore it with that version, or train into a new --workdir"
+            )
+        restore_args = (
+            ocp.args.PyTreeRestore(
+                abstract_state,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+                partial_restore=True,
+            )
+            if partial
+            else ocp.args.StandardRestore(abstract_state)
+        )
+        try:
+            restored = manager.restore(
+                step, args=ocp.args.Composite(state=restore_args, meta=ocp.args.JsonRestore())
+            )
+            jax.block_until_ready(restored.state)
+            meta = dict(restored.meta)
+            check_arrays(restored.state, meta.pop(CHECKSUMS, None))
+        except Exception as e:
+            return describe(_damage_or_raise(e))
+        return restored.state, meta
 
     def _quarantine(self, manager: ocp.CheckpointManager, kind: str, step: int, warn) -> None:
         """Moves a damaged checkpoint out of the manager's sight, so its step can be saved anew."""
@@ -350,6 +356,15 @@ class Checkpoints:
                 finally:
                     self._filtering = False
                     self._filters.close()
+
+
+def _damage_or_raise(error: Exception) -> BaseException:
+    """The link of ``error``'s chain that says a checkpoint is damaged; ``error`` itself,
+    raised again from where it was caught, when it is not damage."""
+    found = damage(error)
+    if found is None:
+        raise error
+    return found
 
 
 def complete_steps(workdir: Path) -> list[int]:
