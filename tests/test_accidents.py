@@ -239,11 +239,13 @@ def test_sigkill_at_random_moments_always_resumes_to_the_same_result(tmp_path):
             command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
         ) as proc:
             try:
-                # Once a training step is done (a line a step), kill at a random moment after it.
+                # Once a training step is done (a line a step), kill at a random moment after it:
+                # within 2 s, since a process's first save starts about 1.4 s after its first line
+                # (2-core machine, LeNet-5), and later ones every step.
                 deadline = time.monotonic() + 120
                 while not proc.stdout.readline().startswith("Epoch") and proc.poll() is None:
                     assert time.monotonic() < deadline
-                time.sleep(rng.uniform(0.0, 0.4))
+                time.sleep(rng.uniform(0.0, 2.0))
                 proc.send_signal(signal.SIGKILL)
                 finished = proc.wait(timeout=30) != -signal.SIGKILL
             finally:
