@@ -288,6 +288,7 @@ def make_batched_evaluate(
     step = jax.jit(
         functools.partial(steps.eval_step, sharded_apply, num_classes=num_classes),
         out_shardings=replicate(mesh),
+        compiler_options=compiler_options("eval"),
     )
 
     def evaluate(
