@@ -114,17 +114,11 @@ def test_width_and_depth_knobs(name):
 # Whole runs of a ResNet, evaluated on the 10,000 test images: slow. The fast subset trains
 # batch-norm models in the step test above and in test_inference.py (smallcnn_bn with EMA).
 @pytest.mark.slow
-def test_a_batch_norm_model_trains_end_to_end(tmp_path):
+def test_a_batch_norm_model_trains_end_to_end_and_its_weight_ema_follows_the_weights_early(tmp_path):
     # Three short epochs: enough for the running statistics (momentum 0.9) to forget their
-    # initial values, so evaluation with them is meaningful.
-    final = train.train_and_evaluate(tiny_config(model="resnet", epochs=3, lr=3e-3), tmp_path / "run")
-    assert final["test_accuracy"] > 0.6
-
-
-@pytest.mark.slow
-def test_weight_ema_of_a_batch_norm_model_follows_the_weights_early_in_training(tmp_path):
-    # With a fixed decay of 0.999 the average after these 48 steps would still be 95% the
-    # random initial weights, and evaluating it scores at chance level.
+    # initial values, so evaluation with them is meaningful. Evaluation reads the EMA of the
+    # weights and of those statistics: with a fixed decay of 0.999 the average after these 48
+    # steps would still be 95% the random initial weights, and score at chance level.
     config = tiny_config(model="resnet", epochs=3, lr=3e-3, ema_decay=0.999)
     final = train.train_and_evaluate(config, tmp_path / "run")
     assert final["test_accuracy"] > 0.6
