@@ -93,20 +93,28 @@ def _conv_step(conv):
     return body
 
 
-def test_scan_unroll_loops_canonical_gradients_and_unrolls_the_others():
+def _scan_unroll(jaxpr) -> int | bool:
+    (scan,) = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+    return scan.params["unroll"]
+
+
+def test_scan_steps_loops_canonical_gradients_traced_once_and_unrolls_the_others():
     w = jnp.ones((3, 3, 2, 4))
-    loop = backend.scan_unroll(_conv_step(backend.conv_general_dilated), w, 4)
-    assert loop == 1 and loop is not True  # (True == 1 in Python)
-    plain = backend.scan_unroll(_conv_step(lax.conv_general_dilated), w, 4)
-    if jax.default_backend() == "cpu":
-        assert plain is True
-    else:
-        assert plain == 1 and plain is not True
+    traced = []
 
-    def untraceable(carry, _):
-        raise AssertionError("one step is not traced to be looked at")
+    def counted(carry, x):
+        traced.append(1)
+        return _conv_step(backend.conv_general_dilated)(carry, x)
 
-    assert backend.scan_unroll(untraceable, w, 1) is True
+    loop = jax.make_jaxpr(lambda w: backend.scan_steps(counted, w, 4))(w)
+    assert _scan_unroll(loop) == 1
+    assert len(traced) == 1  # the scan looked at is the one emitted
+    plain = jax.make_jaxpr(lambda w: backend.scan_steps(_conv_step(lax.conv_general_dilated), w, 4))(w)
+    assert _scan_unroll(plain) == (4 if jax.default_backend() == "cpu" else 1)  # all 4 steps unrolled
+    # the same steps either way
+    looped = backend.scan_steps(_conv_step(backend.conv_general_dilated), w, 4)
+    unrolled = backend.scan_steps(_conv_step(lax.conv_general_dilated), w, 4)
+    np.testing.assert_allclose(looped, unrolled, rtol=1e-6)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ the convolution gradients) a result:
   group, the CPU backend); everything else goes to ``lax.conv_general_dilated`` as it is.
   :func:`use_fast_conv_gradients` puts it into a model's ``nnx.Conv`` layers after the model
   is built, for the models whose registry entry asks for it (``fast_conv_gradients``).
-- **Scanned or unrolled steps.** :func:`scan_unroll` loops a chunk of training steps in a
+- **Scanned or unrolled steps.** :func:`scan_steps` loops a chunk of training steps in a
   ``lax.scan`` when its body loops well (:func:`loops_well`), and unrolls it otherwise.
 - **Compiler options.** :func:`compiler_options` gives each compiled program (training,
   evaluation, initialization) the XLA:CPU options measured fastest for it, and
@@ -233,16 +233,27 @@ def loops_well(jaxpr) -> bool:
     return ok(jaxpr.jaxpr)
 
 
-def scan_unroll(body: Callable[[Any, None], tuple[Any, Any]], carry: Any, length: int) -> int | bool:
-    """The ``unroll`` argument for ``lax.scan(body, carry, None, length=length)``.
+def scan_steps(body: Callable[[Any, None], tuple[Any, None]], carry: Any, length: int) -> Any:
+    """The final carry of ``lax.scan(body, carry, None, length=length)``, its steps in a loop
+    when ``body`` loops well on this backend, else unrolled.
 
-    1 (a loop, compiled once, buffers reused from step to step) when ``body`` loops well on
-    this backend (:func:`loops_well`, checked on its jaxpr, traced here once more), else True
-    (a straight line of ``length`` copies): on XLA:CPU a convolution gradient that is not in
-    the canonical layout runs 6 to 60 times slower inside a while loop than at the top level.
+    A loop (compiled once, buffers reused from step to step) when every convolution of the
+    body is canonical (:func:`loops_well`, read from the scan's own jaxpr, so the body is
+    traced once); else a straight line of ``length`` copies: on XLA:CPU a convolution gradient
+    that is not in the canonical layout runs 6 to 60 times slower inside a while loop than at
+    the top level. A body of one step is never looped.
     """
-    loop = length > 1 and loops_well(jax.make_jaxpr(body)(carry, None))
-    return 1 if loop else True
+
+    def scanned(carry):
+        return lax.scan(body, carry, None, length=length)[0]
+
+    if length > 1:
+        # Tracing a training step costs about 0.4 s: the scan traced here is the one emitted.
+        closed, out_shape = jax.make_jaxpr(scanned, return_shape=True)(carry)
+        if loops_well(closed):
+            outs = jax.core.eval_jaxpr(closed.jaxpr, closed.consts, *jax.tree.leaves(carry))
+            return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+    return lax.scan(body, carry, None, length=length, unroll=True)[0]
 
 
 # --- Compiler options -----------------------------------------------------------------------

@@ -240,7 +240,7 @@ def train_chunk(
     the step loops well on the backend: on XLA:CPU, a convolution gradient that is not in the
     canonical layout runs 6 to 60 times slower inside a while loop than at the top level, so
     models whose gradients are not all canonical get a straight line of unrolled steps
-    instead (``backend.scan_unroll``; see docs/performance.md, What XLA:CPU does well and badly here).
+    instead (``backend.scan_steps``; see docs/performance.md, What XLA:CPU does well and badly here).
 
     Args:
       state: the training state; ``state.step % steps_per_epoch`` is the position in the epoch.
@@ -266,10 +266,7 @@ def train_chunk(
         state, step_sums = train_step(state, images[index], labels[index], settings)
         return (state, jax.tree.map(jnp.add, sums, step_sums)), None
 
-    carry = (state, zero_sums() if sums is None else sums)
-    unroll = backend.scan_unroll(one_step, carry, num_steps)
-    (state, total), _ = lax.scan(one_step, carry, None, length=num_steps, unroll=unroll)
-    return state, total
+    return backend.scan_steps(one_step, (state, zero_sums() if sums is None else sums), num_steps)
 
 
 def eval_step(
