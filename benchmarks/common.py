@@ -139,11 +139,13 @@ def torch_or_none():
 
 
 def run_jax_train(
-    jax_args: list[str], python: str | None = None, *, split: str = "test"
+    jax_args: list[str], python: str | None = None, *, split: str = "test", env: dict | None = None
 ) -> tuple[float, float | None]:
-    """One ``jax-mnist train ARGS`` in a fresh process (of ``python``, by default this one) and a
-    temporary run directory: ``(wall seconds from launch to exit, final accuracy on ``split``,
-    test or val (the last epoch's), or None if it failed)``."""
+    """One ``jax-mnist train ARGS`` in a fresh process (of ``python``, by default this one, with
+    ``env`` added to the environment) and a temporary run directory: ``(wall seconds from
+    launch to exit, final accuracy on ``split``, test or val (the last epoch's), or None if it
+    failed)``."""
+    import os
     import json
     import subprocess
     import sys
@@ -153,7 +155,7 @@ def run_jax_train(
     with tempfile.TemporaryDirectory() as workdir:
         cmd = [python or sys.executable, "-m", "jax_mnist", "train", *jax_args, "--workdir", workdir]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
         wall = time.perf_counter() - t0
         metrics = Path(workdir, "metrics.jsonl")
         records = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
