@@ -3,7 +3,8 @@
     python benchmarks/xla_options.py                        # every program, 3 rounds
     python benchmarks/xla_options.py --programs train-speedrun --rounds 5 --steps 40
 
-For each program (the training chunk of ``--preset speedrun`` and of the seed CNN, the seed
+For each program (the training chunk of ``--preset speedrun``, of the seed CNN and of every other
+registry model at its defaults (``train-MODEL``), the seed
 CNN's evaluation batch, the initial training state of the speedrun) and each candidate set of
 options (which ops XLA may hand to YNNPACK, oneDNN's custom calls), the program is compiled
 once, then run once per round, the candidates in turn (reversed every other round) so that
@@ -45,6 +46,7 @@ def candidates() -> dict[str, dict]:
         "reduce": ynn("reduce"),
         "reduce,individual_dot": ynn("reduce", "individual_dot"),
         "reduce,eltwise": ynn("reduce", "eltwise"),
+        "reduce,individual_dot,eltwise": ynn("reduce", "individual_dot", "eltwise"),
         "reduce,dot": ynn("reduce", "dot"),
         "XLA default": {},
         "individual_convolution": ynn("individual_convolution"),
@@ -110,9 +112,17 @@ def _initial_state(config):
 def programs(steps: int) -> dict[str, Callable]:
     from jax_mnist.config import Config, preset_config
 
+    from jax_mnist.models import MODELS
+
     return {
         "train-speedrun": lambda: _training(preset_config("speedrun"), steps),
         "train-seed": lambda: _training(Config(val_size=0), steps),
+        # every registry model at its defaults, batch 128: train-cnn is train-seed
+        **{
+            f"train-{name}": functools.partial(_training, Config(model=name, val_size=0), steps)
+            for name in MODELS
+            if name != "cnn"
+        },
         "eval-seed": lambda: _evaluation(Config(val_size=0, eval_batch_size=1000), 10),
         "eval-speedrun": lambda: _evaluation(preset_config("speedrun").replace(eval_batch_size=1000), 10),
         "init-speedrun": lambda: _initial_state(preset_config("speedrun")),
@@ -216,6 +226,7 @@ def main() -> int:
                     jax.block_until_ready(compiled[name](*fn_args))
                 times[name].append(time.perf_counter() - t0)
         base = "ynn off" if kind == "train" and "ynn off" in times else "XLA default"
+        base = base if base in times else next(iter(times))  # else the first candidate given
         base_median = common.median(times.get(base, [float("nan")]))
         print(f"  {'candidate':32s} {'median s':>9s} {'images/s':>9s} {'vs ' + base:>12s}  per round (s)")
         for name, values in times.items():

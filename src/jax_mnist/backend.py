@@ -289,12 +289,14 @@ def _spelled(name: str, value: Any, *, for_flags: bool) -> Any:
     return str(value).lower() if for_flags and isinstance(value, bool) else value
 
 
-def compiler_options(program: str) -> dict[str, Any] | None:
+def compiler_options(program: str, ynn_fusions: Sequence[str] | None = None) -> dict[str, Any] | None:
     """XLA's compile options for one of jax-mnist's programs, for ``jax.jit(compiler_options=)``.
 
     ``program`` is ``"train"`` (the chunk of training steps), ``"eval"`` (the batched forward
     pass of validation, test and inference) or ``"init"`` (a program that runs once: a model's
-    parameters, the initial training state). On XLA:CPU:
+    parameters, the initial training state). ``ynn_fusions`` (names of
+    :data:`YNN_FUSION_TYPES`) replaces the program's YNNPACK fusion types: a model's own
+    choice for its training chunk (``cpu_training_fusions`` in its registry entry). On XLA:CPU:
 
     - **train**: YNNPACK for reductions and single dots, Eigen for convolutions
       (``xla_cpu_experimental_ynn_fusion_type=reduce,individual_dot``). YNNPACK's gradient
@@ -324,22 +326,25 @@ def compiler_options(program: str) -> dict[str, Any] | None:
     """
     if program not in _CHOICES:
         raise ValueError(f"unknown program {program!r}; choose from {', '.join(PROGRAMS)}")
-    options = _cpu_options(program) if jax.default_backend() == "cpu" else {}
+    fusions = None if ynn_fusions is None else tuple(ynn_fusions)
+    options = _cpu_options(program, fusions) if jax.default_backend() == "cpu" else {}
     return dict(options) or None
 
 
-def compiler_flags(program: str) -> list[str]:
+def compiler_flags(program: str, ynn_fusions: Sequence[str] | None = None) -> list[str]:
     """:func:`compiler_options` as ``XLA_FLAGS`` spells them (``--name=value``), for a process
     that jax-mnist does not compile for, such as ``mnist_jax.py``."""
-    chosen = compiler_options(program) or {}
-    return [f"--{name}={_spelled(name, _CHOICES[program][name], for_flags=True)}" for name in chosen]
+    chosen = compiler_options(program, ynn_fusions) or {}
+    choices = _CHOICES[program] if ynn_fusions is None else {**_CHOICES[program], _YNN: tuple(ynn_fusions)}
+    return [f"--{name}={_spelled(name, choices[name], for_flags=True)}" for name in chosen]
 
 
 @functools.cache
-def _cpu_options(program: str) -> dict[str, Any]:
+def _cpu_options(program: str, ynn_fusions: tuple[str, ...] | None) -> dict[str, Any]:
     user_flags = os.environ.get("XLA_FLAGS", "")
     options = {}
-    for name, value in _CHOICES[program].items():
+    choices = _CHOICES[program] if ynn_fusions is None else {**_CHOICES[program], _YNN: ynn_fusions}
+    for name, value in choices.items():
         if name in user_flags:
             continue  # the user's own choice wins
         spelled = _spelled(name, value, for_flags=False)

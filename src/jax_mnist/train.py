@@ -34,7 +34,7 @@ from jax_mnist.data.datasets import DATASETS, DatasetInfo, split_validation
 from jax_mnist.errors import UserError, write_failure
 from jax_mnist.inference import make_batched_evaluate, make_batched_predict
 from jax_mnist.logs import RunLogger
-from jax_mnist.models import compute_dtype, model_from_config, split_variables
+from jax_mnist.models import MODELS, compute_dtype, model_from_config, split_variables
 from jax_mnist.optim import create_optimizer
 from jax_mnist.parallel import (
     agree_on_signal,
@@ -134,7 +134,8 @@ def make_train_chunk_fn(setup: Setup, batch_size: int, steps_per_epoch: int):
 
     One compilation per distinct ``num_steps``; on XLA:CPU it is compiled with the options
     that make training fast (:func:`~jax_mnist.backend.compiler_options` ``"train"``: reductions
-    and single dots in YNNPACK, convolutions in Eigen).
+    and single dots in YNNPACK, convolutions in Eigen; element-wise fusions too for the models
+    whose registry entry says so, ``cpu_training_fusions``).
     """
     return jax.jit(
         functools.partial(
@@ -142,7 +143,7 @@ def make_train_chunk_fn(setup: Setup, batch_size: int, steps_per_epoch: int):
         ),
         static_argnames="num_steps",
         donate_argnums=0,
-        compiler_options=backend.compiler_options("train"),
+        compiler_options=backend.compiler_options("train", MODELS[setup.config.model].cpu_training_fusions),
     )
 
 

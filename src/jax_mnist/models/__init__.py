@@ -35,7 +35,12 @@ class ModelEntry:
 
     ``fast_conv_gradients``: its ``nnx.Conv`` layers get the backend's convolution, whose
     gradients XLA:CPU runs fast in loops (``backend.use_fast_conv_gradients``): the same
-    parameters, results equal to float32 rounding, so switching it changes a model's bits."""
+    parameters, results equal to float32 rounding, so switching it changes a model's bits.
+
+    ``cpu_training_fusions``: the ops XLA:CPU may hand to YNNPACK in this model's training
+    chunk (names of ``backend.YNN_FUSION_TYPES``), where they differ from the training
+    program's own choice (``backend.compiler_options("train")``); changing it changes the
+    model's bits."""
 
     target: str | Callable[..., nnx.Module]
     description: str
@@ -43,6 +48,7 @@ class ModelEntry:
     tune_space: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict, hash=False)
     cpu_engine: str = "jax"
     fast_conv_gradients: bool = False
+    cpu_training_fusions: tuple[str, ...] | None = None
 
     @property
     def constructor(self) -> Callable[..., nnx.Module]:
@@ -57,6 +63,13 @@ class ModelEntry:
 # batch 1 and at batch 1000 alike (benchmarks/inference_engines.py; the table is in docs/performance.md, Inference engines):
 # LeNet-5 1.5-2.8x, VGG 1.3-1.5x, ResNet 1.4-1.5x. JAX was faster for the seed CNN and, at
 # batch 1000, the MLP. On a GPU JAX runs on the GPU and ONNX Runtime (CPU) would not.
+#
+# cpu_training_fusions adds element-wise fusions to the training program's reductions and single
+# dots for the models whose training chunk ran faster with them (benchmarks/xla_options.py,
+# docs/performance.md): the seed CNN 1.18x, smallcnn 1.15x, ResNet 1.07x on JAX 0.10.2.
+# YNNPACK then takes the forward convolutions fused with their bias and ReLU. Batch norm's
+# smallcnn_bn ran 0.76x as fast with them, and LeNet-5, the MLP and VGG gained nothing.
+_FUSED_ELEMENTWISE = ("reduce", "individual_dot", "eltwise")
 _SMALLCNN_SPACE: dict[str, dict[str, Any]] = {
     "width": {"choices": [12, 16, 24, 32]},
     "depth": {"type": "int", "low": 2, "high": 3},
@@ -68,6 +81,7 @@ MODELS: dict[str, ModelEntry] = {
         "the seed's CNN: 2 conv (32, 64) + avg-pool, dense 256, dropout",
         tune_space={"width": {"choices": [16, 24, 32, 48]}},
         fast_conv_gradients=True,
+        cpu_training_fusions=_FUSED_ELEMENTWISE,
     ),
     "lenet5": ModelEntry(
         "jax_mnist.models.lenet:LeNet5",
@@ -91,12 +105,14 @@ MODELS: dict[str, ModelEntry] = {
         "pre-activation ResNet, batch norm: 3 stages of --depth blocks (16, 32, 64)",
         tune_space={"width": {"choices": [8, 16, 32]}, "depth": {"type": "int", "low": 1, "high": 3}},
         cpu_engine="onnx",
+        cpu_training_fusions=_FUSED_ELEMENTWISE,
     ),
     "smallcnn": ModelEntry(
         "jax_mnist.models.smallcnn:SmallCNN",
         "the speed runs' CNN: conv 24 (5x5), 32 (3x3) + max-pool, dense 256",
         tune_space=_SMALLCNN_SPACE,
         fast_conv_gradients=True,
+        cpu_training_fusions=_FUSED_ELEMENTWISE,
     ),
     "smallcnn_bn": ModelEntry(
         "jax_mnist.models.smallcnn:SmallCNN",
