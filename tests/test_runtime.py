@@ -136,8 +136,10 @@ def test_two_runs_are_bit_identical_compile_little_and_the_second_loads_from_the
     cache = tmp_path / "cache" / "xla"
     assert stat.S_IMODE(cache.stat().st_mode) == 0o700 and any(cache.iterdir())
     # The initial state, the epoch's order, the training chunk and the forward pass (one for
-    # validation and test alike); nothing compiled again with the cache warm.
-    assert _compilations(runs[0].stderr) <= 4, runs[0].stderr
+    # validation and test alike), and the trivial program that asks XLA whether it takes the
+    # seed CNN's training fusions (backend._xla_knows: its defaults name only theirs);
+    # nothing compiled again with the cache warm.
+    assert _compilations(runs[0].stderr) <= 5, runs[0].stderr
     assert _compilations(runs[1].stderr) == 0, runs[1].stderr
 
     config = json.loads((tmp_path / "a" / "config.json").read_text())

@@ -301,18 +301,21 @@ def compiler_options(program: str, ynn_fusions: Sequence[str] | None = None) -> 
     - **train**: YNNPACK for reductions and single dots, Eigen for convolutions
       (``xla_cpu_experimental_ynn_fusion_type=reduce,individual_dot``). YNNPACK's gradient
       convolutions, whose "kernel" is as large as the image, are slower than Eigen's (XLA's
-      default set, which sends them there: the seed CNN's chunk 0.80x, the speedrun's 0.92x
-      against YNNPACK off). But with no YNNPACK fusion at all (the choice until 0.2), XLA
-      splits every reduction, batch norm's statistics and the loss's included, into
-      ``reduce-window`` loop nests: the speedrun's chunk holds 21, against 5 (max pooling's)
-      with reductions in YNNPACK, and the same 8 convolutions in Eigen. Against YNNPACK off,
-      the chunk of 20 steps ran 1.62x faster for the speedrun and 1.16x for the seed CNN
-      on JAX 0.10.2, and the speedrun's 1.11x on 0.12.1 (medians of 3 alternated rounds;
-      ``reduce`` alone and ``reduce,eltwise`` gained less). oneDNN's custom calls
+      default set, which sends them there: the speedrun's chunk 0.49x on JAX 0.10.2, the seed
+      CNN's 0.64x, against YNNPACK off). But with no YNNPACK fusion at all (the choice until
+      0.2), XLA splits every reduction, batch norm's statistics and the loss's included, into
+      ``reduce-window`` loop nests: the speedrun's chunk holds 21, against 3 with reductions
+      in YNNPACK, and the same 8 convolutions in Eigen. Against YNNPACK off, the chunk of 20
+      steps ran 1.19x (JAX 0.10.2) and 1.17x (0.12.1) faster for the speedrun and 1.23x and
+      1.27x for the seed CNN (medians of 3 alternated rounds on an idle 2-core AVX-512 Xeon).
+      Adding ``eltwise`` (YNNPACK then takes the forward convolutions fused with their bias
+      and ReLU) made the seed CNN's chunk a further 1.16-1.18x faster and batch norm's
+      smallcnn_bn's 0.76-0.89x as fast: models whose chunk gains from it say so in their
+      registry entry (``cpu_training_fusions``). oneDNN's custom calls
       (``xla_cpu_experimental_onednn_custom_call``) rewrite nothing on JAX 0.10.2 and take
-      the convolutions on 0.12.1, where the speedrun's chunk ran 0.82x as fast with them.
+      the convolutions on 0.12.1, where the speedrun's chunk ran 0.92x as fast with them.
     - **eval**: XLA's defaults: the forward pass becomes one YNNPACK fusion, convolutions,
-      dots and pooling included, 2.6x faster than with YNNPACK off (the seed CNN, batches of
+      dots and pooling included, 2.9x faster than with YNNPACK off (the seed CNN, batches of
       1,000); the sets with reductions give the same program.
     - **init**: LLVM optimization level 1 rather than 3: 3 to 5 times faster to compile (the
       seed CNN's training state: 1.4 s against 4.2 s on a loaded 2-core machine) and, for every
