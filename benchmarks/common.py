@@ -145,8 +145,8 @@ def run_jax_train(
     ``env`` added to the environment) and a temporary run directory: ``(wall seconds from
     launch to exit, final accuracy on ``split``, test or val (the last epoch's), or None if it
     failed)``."""
-    import os
     import json
+    import os
     import subprocess
     import sys
     import tempfile

@@ -148,8 +148,10 @@ _TORCH_CATEGORIES = (
     (r"batch_norm|log_softmax|nll_loss|\bsum\b|mean", "reductions (batch norm, loss)"),
     (r"Optimizer|adam|_foreach|lerp|addcmul|addcdiv|sqrt|zero_", "optimizer"),
     (r"index|\bto\b|_to_copy|div|sub|randperm", "data (batch gather, normalize)"),
-    (r"relu|clamp|threshold|bernoulli|dropout|clone|copy|contiguous|view|reshape|add|mul|fill|empty",
-     "element-wise and layout"),
+    (
+        r"relu|clamp|threshold|bernoulli|dropout|clone|copy|contiguous|view|reshape|add|mul|fill|empty",
+        "element-wise and layout",
+    ),
 )
 
 
@@ -230,7 +232,9 @@ def main(argv=None) -> int:
     torch = None if args.no_torch else common.torch_or_none()
     if torch is not None:
         step_s, by_category, by_op = profile_torch(torch, torch_options, args.steps)
-        report(f"PyTorch {torch.__version__} (channels-last)", step_s, args.steps, by_category, by_op, args.top)
+        report(
+            f"PyTorch {torch.__version__} (channels-last)", step_s, args.steps, by_category, by_op, args.top
+        )
     print(f"load average at the end: {common.load_avg()}")
     return 0
 

@@ -111,7 +111,6 @@ def _initial_state(config):
 
 def programs(steps: int) -> dict[str, Callable]:
     from jax_mnist.config import Config, preset_config
-
     from jax_mnist.models import MODELS
 
     return {

@@ -137,8 +137,12 @@ def test_each_program_gets_its_options_and_a_users_xla_flags_win(fresh_options, 
     )
     # a model's own choice for its training chunk replaces the fusion types, and only them
     fused = ("reduce", "individual_dot", "eltwise")
-    assert backend.compiler_options("train", fused) == ({YNN: backend.ynn_fusion_type(fused)} if cpu else None)
-    assert backend.compiler_flags("train", fused) == ([f"--{YNN}=reduce,individual_dot,eltwise"] if cpu else [])
+    assert backend.compiler_options("train", fused) == (
+        {YNN: backend.ynn_fusion_type(fused)} if cpu else None
+    )
+    assert backend.compiler_flags("train", fused) == (
+        [f"--{YNN}=reduce,individual_dot,eltwise"] if cpu else []
+    )
     with pytest.raises(ValueError, match="unknown program 'training'"):
         backend.compiler_options("training")
     backend._cpu_options.cache_clear()
