@@ -338,16 +338,20 @@ def compiler_flags(program: str, ynn_fusions: Sequence[str] | None = None) -> li
     """:func:`compiler_options` as ``XLA_FLAGS`` spells them (``--name=value``), for a process
     that jax-mnist does not compile for, such as ``mnist_jax.py``."""
     chosen = compiler_options(program, ynn_fusions) or {}
-    choices = _CHOICES[program] if ynn_fusions is None else {**_CHOICES[program], _YNN: tuple(ynn_fusions)}
+    choices = _choices(program, None if ynn_fusions is None else tuple(ynn_fusions))
     return [f"--{name}={_spelled(name, choices[name], for_flags=True)}" for name in chosen]
+
+
+def _choices(program: str, ynn_fusions: tuple[str, ...] | None) -> dict[str, Any]:
+    """The program's options as chosen (``_CHOICES``), its YNNPACK fusion types replaced by ``ynn_fusions``."""
+    return _CHOICES[program] if ynn_fusions is None else {**_CHOICES[program], _YNN: ynn_fusions}
 
 
 @functools.cache
 def _cpu_options(program: str, ynn_fusions: tuple[str, ...] | None) -> dict[str, Any]:
     user_flags = os.environ.get("XLA_FLAGS", "")
     options = {}
-    choices = _CHOICES[program] if ynn_fusions is None else {**_CHOICES[program], _YNN: ynn_fusions}
-    for name, value in choices.items():
+    for name, value in _choices(program, ynn_fusions).items():
         if name in user_flags:
             continue  # the user's own choice wins
         spelled = _spelled(name, value, for_flags=False)
