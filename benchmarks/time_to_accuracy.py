@@ -48,11 +48,17 @@ FASTEST_RECIPE = (
 PYTORCH_EXAMPLE = "--recipe pytorch-example --epochs 14"
 
 
+def split_recipe(recipe: str) -> tuple[dict[str, str], list[str]]:
+    """A ``--jax-args`` recipe as (its leading ``NAME=value`` environment, the train arguments)."""
+    words = shlex.split(recipe)
+    env = dict(w.split("=", 1) for w in words if re.match(r"^[A-Z_][A-Z0-9_]*=", w))
+    return env, words[len(env) :]
+
+
 def jax_name(recipe: str) -> str:
     """How a ``--jax-args`` recipe is named in the results: its environment first, then the command."""
-    words = shlex.split(recipe)
-    env = [w for w in words if re.match(r"^[A-Z_][A-Z0-9_]*=", w)]
-    return " ".join([*env, "jax-mnist train", *words[len(env) :]])
+    env, args = split_recipe(recipe)
+    return " ".join([*(f"{k}={v}" for k, v in env.items()), "jax-mnist train", *args])
 
 
 def torch_recipe(config) -> str:
@@ -130,9 +136,8 @@ def main(argv=None) -> int:
     rows = []
     for r in range(args.rounds):
         for recipe in jax_recipes:
-            words = shlex.split(recipe)
-            env = dict(w.split("=", 1) for w in words if re.match(r"^[A-Z_][A-Z0-9_]*=", w))
-            wall, acc = common.run_jax_train(words[len(env) :], env=env)
+            env, jax_args = split_recipe(recipe)
+            wall, acc = common.run_jax_train(jax_args, env=env)
             rows.append((jax_name(recipe), wall, acc))
             print(f"round {r + 1}: {rows[-1][0]}: {wall:.1f}s, test accuracy {acc}")
         for recipe in torch_recipes:

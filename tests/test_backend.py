@@ -13,7 +13,7 @@ from flax import nnx
 from jax import lax
 
 from jax_mnist import backend
-from jax_mnist.models import build_model, smallcnn
+from jax_mnist.models import MODELS, build_model, smallcnn
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 YNN = "xla_cpu_experimental_ynn_fusion_type"
@@ -143,6 +143,15 @@ def test_each_program_gets_its_options_and_a_users_xla_flags_win(fresh_options, 
     assert backend.compiler_flags("train", fused) == (
         [f"--{YNN}=reduce,individual_dot,eltwise"] if cpu else []
     )
+    # every model's own training fusions are types this XLA takes (read from its debug
+    # options, or asked by compiling a trivial program)
+    for name, entry in MODELS.items():
+        if entry.cpu_training_fusions is not None:
+            assert set(entry.cpu_training_fusions) <= set(backend.YNN_FUSION_TYPES), name
+            spelled = backend.ynn_fusion_type(entry.cpu_training_fusions)
+            assert backend.compiler_options("train", entry.cpu_training_fusions) == (
+                {YNN: spelled} if cpu else None
+            ), name
     with pytest.raises(ValueError, match="unknown program 'training'"):
         backend.compiler_options("training")
     backend._cpu_options.cache_clear()
