@@ -138,6 +138,45 @@ def torch_or_none():
     return torch
 
 
+@dataclasses.dataclass
+class JaxTraining:
+    """jax-mnist's training of ``config`` set up as ``jax-mnist train`` sets it up: the jitted
+    chunk (``train.make_train_chunk_fn``), the initial state, epoch 0's order and the training
+    arrays on the device; ``train.run_steps(chunk, state, n, config.steps_per_call, order,
+    images, labels)`` trains."""
+
+    config: object
+    steps_per_epoch: int
+    chunk: Callable
+    state: object
+    order: object
+    images: object
+    labels: object
+
+
+def jax_training(config) -> JaxTraining:
+    import functools
+
+    import jax
+    import numpy as np
+
+    from jax_mnist import steps, train
+    from jax_mnist.data import load_dataset
+    from jax_mnist.parallel import replicate
+
+    data = load_dataset(config)
+    steps_per_epoch = len(data.train_images) // config.batch_size
+    setup = train.create_setup(config, steps_per_epoch)
+    state = train.create_train_state(setup)
+    put = functools.partial(jax.device_put, device=replicate(setup.mesh))
+    images, labels = put(data.train_images), put(data.train_labels.astype(np.int32))
+    order = jax.jit(functools.partial(steps.epoch_order, num_examples=len(data.train_images)))(
+        state.data_key, 0
+    )
+    chunk = train.make_train_chunk_fn(setup, config.batch_size, steps_per_epoch)
+    return JaxTraining(config, steps_per_epoch, chunk, state, order, images, labels)
+
+
 def run_jax_train(
     jax_args: list[str], python: str | None = None, *, split: str = "test", env: dict | None = None
 ) -> tuple[float, float | None]:

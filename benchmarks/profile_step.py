@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import glob
 import os
 import re
@@ -98,30 +97,26 @@ def _hlo_categories(hlo: str) -> dict[str, str]:
 def profile_jax(config, steps: int) -> tuple[float, collections.Counter, collections.Counter]:
     """(wall seconds per step, thread seconds per category, thread seconds per kernel)."""
     import jax
-    import numpy as np
 
-    from jax_mnist import steps as steps_module
     from jax_mnist import train
-    from jax_mnist.data import load_dataset
-    from jax_mnist.parallel import replicate, to_host
+    from jax_mnist.parallel import to_host
 
-    data = load_dataset(config)
-    per_epoch = len(data.train_images) // config.batch_size
-    setup = train.create_setup(config, per_epoch)
-    state = train.create_train_state(setup)
-    put = functools.partial(jax.device_put, device=replicate(setup.mesh))
-    images, labels = put(data.train_images), put(data.train_labels.astype(np.int32))
-    chunk = train.make_train_chunk_fn(setup, config.batch_size, per_epoch)
-    order = jax.jit(functools.partial(steps_module.epoch_order, num_examples=len(images)))(state.data_key, 0)
-    hlo = chunk.lower(state, order, images, labels, num_steps=config.steps_per_call).compile().as_text()
+    t = common.jax_training(config)
+    hlo = (
+        t.chunk.lower(t.state, t.order, t.images, t.labels, num_steps=config.steps_per_call)
+        .compile()
+        .as_text()
+    )
     names = _hlo_categories(hlo)
 
     def run(state):
-        state, sums = train.run_steps(chunk, state, steps, config.steps_per_call, order, images, labels)
+        state, sums = train.run_steps(
+            t.chunk, state, steps, config.steps_per_call, t.order, t.images, t.labels
+        )
         to_host(sums)
         return state
 
-    state = run(state)  # compiled and warm
+    state = run(t.state)  # compiled and warm
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir):
             t0 = time.perf_counter()

@@ -24,7 +24,6 @@ though nobody computes it).
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 import time
 
@@ -33,34 +32,23 @@ import common
 
 def jax_contender(args):
     """A function running ``args.steps`` training steps of jax-mnist; returns images/s."""
-    import jax
-    import numpy as np
-
-    from jax_mnist import steps, train
+    from jax_mnist import train
     from jax_mnist.config import Config
-    from jax_mnist.data import load_dataset
-    from jax_mnist.parallel import replicate, to_host
+    from jax_mnist.parallel import to_host
 
     config = Config(dtype=args.dtype, val_size=0, batch_size=args.batch_size)
     if args.steps_per_call:
         config = config.replace(steps_per_call=args.steps_per_call)
-    data = load_dataset(config)
-    steps_per_epoch = len(data.train_images) // config.batch_size
-    setup = train.create_setup(config, steps_per_epoch)
-    state = train.create_train_state(setup)
-    put = functools.partial(jax.device_put, device=replicate(setup.mesh))
-    images, labels = put(data.train_images), put(data.train_labels.astype(np.int32))
-    chunk = train.make_train_chunk_fn(setup, config.batch_size, steps_per_epoch)  # as train.py does
-    order_fn = jax.jit(functools.partial(steps.epoch_order, num_examples=len(data.train_images)))
-    box = {"state": state, "order": order_fn(state.data_key, 0)}
+    t = common.jax_training(config)  # as train.py sets it up
+    box = {"state": t.state, "order": t.order}
 
     def run(n):
         # Stay inside one epoch, as the training loop does; a new order costs one call.
-        position = int(to_host(box["state"].step)) % steps_per_epoch
-        if position + n > steps_per_epoch:
+        position = int(to_host(box["state"].step)) % t.steps_per_epoch
+        if position + n > t.steps_per_epoch:
             box["state"] = box["state"].replace(step=box["state"].step - position)
         box["state"], sums = train.run_steps(
-            chunk, box["state"], n, config.steps_per_call, box["order"], images, labels
+            t.chunk, box["state"], n, config.steps_per_call, box["order"], t.images, t.labels
         )
         return float(to_host(sums)["loss"])
 
